@@ -1,0 +1,314 @@
+"""Token budgets: parsing them, and turning weights into exact integer shares.
+
+:func:`apportion` is the one place where a budget becomes integers (DESIGN §4).
+
+The ideal share of partition ``i`` at a total ``h`` is its *water-filled quota*
+``q_i(h)``: proportional to its weight, capped at its capacity, with what a capped
+partition cannot hold handed on to the others; partitions of weight zero receive only
+what the positive ones cannot hold (shared equally among them, again capped).
+
+``rounding="exact"`` returns integers that
+
+* sum to ``min(total, capacity.sum())``;
+* lie in ``[floor(q_i), ceil(q_i)]`` (so within ``[0, capacity_i]``; equal weights give
+  shares that differ by at most one);
+* never decrease when the total grows (house monotonicity: no Alabama paradox).
+
+It does so by handing out seats one at a time as a unit-job schedule: the ``k``-th seat
+of partition ``i`` may be given once ``q_i(h) > k - 1`` (upper quota) and must be given
+by the first ``h`` with ``q_i(h) >= k`` (lower quota). Earliest-deadline-first meets
+every deadline because the quotas themselves are a feasible fractional schedule; this is
+the Balinski–Young quota idea, generalised to capacity-capped quotas. Ties go to the
+seat whose quota is reached first, then to the lower index.
+
+``rounding="floor"`` returns ``floor(q_i)`` and leaves the remainder unassigned, like the
+released reference code; it keeps every property above except the exact sum.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import numbers
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Literal
+
+import torch
+
+from .errors import BudgetError, ConfigError
+
+__all__ = ["apportion", "quota", "Budget", "parse_budget", "Rounding"]
+
+Rounding = Literal["exact", "floor"]
+_ROUNDINGS = ("exact", "floor")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _as_weights(weights: torch.Tensor | Sequence[float]) -> list[float]:
+    tensor = torch.as_tensor(weights, dtype=torch.float64).detach().cpu()
+    if tensor.dim() != 1:
+        raise ConfigError(f"weights must be 1-D [P], got shape {tuple(tensor.shape)}")
+    if not bool(torch.isfinite(tensor).all()):
+        raise ConfigError(f"weights must be finite, got {tensor.tolist()}")
+    if bool((tensor < 0).any()):
+        raise ConfigError(f"weights must be >= 0, got {tensor.tolist()}")
+    return tensor.tolist()
+
+
+def _as_capacity(capacity: torch.Tensor | Sequence[int], size: int) -> list[int]:
+    tensor = torch.as_tensor(capacity).detach().cpu()
+    if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
+        if tensor.dtype == torch.bool or not bool((tensor == tensor.round()).all()):
+            raise ConfigError(f"capacity must hold integers, got {tensor.tolist()}")
+    if tuple(tensor.shape) != (size,):
+        raise ConfigError(f"capacity must have shape [{size}] like weights, got {tuple(tensor.shape)}")
+    values = [int(v) for v in tensor.tolist()]
+    if any(v < 0 for v in values):
+        raise ConfigError(f"capacity must be >= 0, got {values}")
+    return values
+
+
+def _as_total(total: int) -> int:
+    if isinstance(total, bool) or not isinstance(total, numbers.Integral) or total < 0:
+        raise ConfigError(f"total must be an int >= 0, got {total!r}")
+    return int(total)
+
+
+# --------------------------------------------------------------------------- quotas
+
+
+def _fill(order: list[int], weight: list[Fraction], caps: list[int], amount: Fraction, out: list[Fraction]) -> None:
+    """Water-fill ``amount`` over ``order`` proportionally to ``weight``, capped by ``caps``."""
+    remaining = sorted(order, key=lambda i: (Fraction(caps[i]) / weight[i], i))
+    total_weight = sum((weight[i] for i in remaining), Fraction(0))
+    for pos, i in enumerate(remaining):
+        if amount * weight[i] >= caps[i] * total_weight:
+            out[i] = Fraction(caps[i])
+            amount -= caps[i]
+            total_weight -= weight[i]
+        else:
+            for j in remaining[pos:]:
+                out[j] = amount * weight[j] / total_weight
+            return
+
+
+def _exact_quota(weights: list[float], caps: list[int], total: int) -> list[Fraction]:
+    size = len(weights)
+    fractions = [Fraction(w) for w in weights]
+    positive = [i for i in range(size) if fractions[i] > 0 and caps[i] > 0]
+    zero = [i for i in range(size) if fractions[i] == 0 and caps[i] > 0]
+    amount = min(total, sum(caps))
+    out = [Fraction(0)] * size
+    held = sum(caps[i] for i in positive)
+    if positive:
+        _fill(positive, fractions, caps, Fraction(min(amount, held)), out)
+    if amount > held:
+        _fill(zero, [Fraction(1)] * size, caps, Fraction(amount - held), out)
+    return out
+
+
+def quota(
+    weights: torch.Tensor | Sequence[float],
+    total: int,
+    capacity: torch.Tensor | Sequence[int],
+) -> torch.Tensor:
+    """The water-filled (ideal, fractional) shares, float64 ``[P]``. See module docs."""
+    w = _as_weights(weights)
+    caps = _as_capacity(capacity, len(w))
+    return torch.tensor([float(q) for q in _exact_quota(w, caps, _as_total(total))], dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------- apportion
+
+
+def _crossing_times(weights: list[float], caps: list[int], held: int) -> tuple[list[list[float]], list[list[Fraction | float]]]:
+    """For every partition ``i`` and seat ``k = 0..cap_i``: the total ``H_i(k)`` at which
+    ``q_i`` reaches ``k``. Floats, with exact Fractions where a float sits near an integer
+    (floor/ceil there must be exact)."""
+    size = len(weights)
+    w = torch.tensor(weights, dtype=torch.float64)
+    c = torch.tensor(caps, dtype=torch.float64)
+    positive = (w > 0) & (c > 0)
+    times: list[list[float]] = []
+    exact: list[list[Fraction | float]] = []
+    for i in range(size):
+        if caps[i] == 0:
+            times.append([0.0])
+            exact.append([0.0])
+            continue
+        k = torch.arange(caps[i] + 1, dtype=torch.float64)
+        if positive[i]:
+            scale = k[:, None] * (w[None, :] / w[i])  # lambda * w_j at the moment q_i = k
+            level = torch.minimum(c[None, :], scale) * positive[None, :]
+            h = level.sum(dim=1)
+        else:
+            zero = (~positive) & (c > 0)
+            h = held + (torch.minimum(c[None, :], k[:, None]) * zero[None, :]).sum(dim=1)
+        values = h.tolist()
+        near = (h - h.round()).abs() <= 1e-7 * h.clamp(min=1.0)
+        fixed: list[Fraction | float] = list(values)
+        if bool(near.any()):
+            fw = [Fraction(x) for x in weights]
+            for idx in torch.nonzero(near).flatten().tolist():
+                if positive[i]:
+                    fixed[idx] = sum(
+                        (min(Fraction(caps[j]), idx * fw[j] / fw[i]) for j in range(size) if positive[j]),
+                        Fraction(0),
+                    )
+                else:
+                    fixed[idx] = held + sum(
+                        min(caps[j], idx) for j in range(size) if not positive[j] and caps[j] > 0
+                    )
+        times.append(values)
+        exact.append(fixed)
+    return times, exact
+
+
+def apportion(
+    weights: torch.Tensor | Sequence[float],
+    total: int,
+    capacity: torch.Tensor | Sequence[int],
+    rounding: Rounding = "exact",
+) -> torch.Tensor:
+    """Integer shares of ``total`` for partitions with ``weights`` and ``capacity``.
+
+    Args:
+        weights: ``[P]`` finite, non-negative. Only ratios matter.
+        total: tokens to hand out, int ``>= 0``.
+        capacity: ``[P]`` ints ``>= 0``, the most each partition can take.
+        rounding: ``"exact"`` (sums to ``min(total, capacity.sum())``) or ``"floor"``
+            (the reference code's floors; the remainder is dropped).
+
+    Returns:
+        int64 ``[P]`` on the device of ``weights`` (CPU for plain sequences).
+    """
+    if rounding not in _ROUNDINGS:
+        raise ConfigError(f"rounding must be one of {_ROUNDINGS}, got {rounding!r}")
+    device = weights.device if isinstance(weights, torch.Tensor) else torch.device("cpu")
+    w = _as_weights(weights)
+    caps = _as_capacity(capacity, len(w))
+    total = _as_total(total)
+    if rounding == "floor":
+        shares = [math.floor(q) for q in _exact_quota(w, caps, total)]
+        return torch.tensor(shares, dtype=torch.int64, device=device)
+
+    size = len(w)
+    target = min(total, sum(caps))
+    if target == sum(caps):  # everything fits: no choice to make
+        return torch.tensor(caps, dtype=torch.int64, device=device)
+    held = sum(caps[i] for i in range(size) if w[i] > 0 and caps[i] > 0)
+    times, exact = _crossing_times(w, caps, held)
+    # Seat k of partition i: released at floor(H_i(k-1)) + 1, due at ceil(H_i(k)).
+    seats: list[tuple[int, int, float, int]] = []
+    for i in range(size):
+        for k in range(1, caps[i] + 1):
+            release = math.floor(exact[i][k - 1]) + 1
+            if release > target:
+                break
+            seats.append((release, math.ceil(exact[i][k]), times[i][k], i))
+    seats.sort()
+    shares = [0] * size
+    ready: list[tuple[int, float, int]] = []
+    cursor = 0
+    for slot in range(1, target + 1):
+        while cursor < len(seats) and seats[cursor][0] <= slot:
+            _, due, when, i = seats[cursor]
+            heapq.heappush(ready, (due, when, i))
+            cursor += 1
+        due, _, i = heapq.heappop(ready)
+        if due < slot:  # cannot happen: the quotas are a feasible schedule
+            raise AssertionError(f"apportion missed a lower quota at total {slot}")
+        shares[i] += 1
+    return torch.tensor(shares, dtype=torch.int64, device=device)
+
+
+# --------------------------------------------------------------------------- budgets
+
+_INT = re.compile(r"^[+-]?\d+$")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A per-image token budget: a fraction of ``P * N`` or an absolute token count.
+
+    ``Budget.parse(0.2)`` keeps 20 % of the image's full token count (padding included,
+    newline tokens not counted); ``Budget.parse(576)`` keeps 576 tokens. Fractions become
+    tokens by flooring the exact decimal product (``0.2 * 2880 = 576``, never 575).
+    """
+
+    kind: Literal["fraction", "tokens"]
+    value: float | int
+
+    def __post_init__(self) -> None:
+        if self.kind == "fraction":
+            if isinstance(self.value, bool) or not isinstance(self.value, float) or not 0.0 < self.value <= 1.0:
+                raise BudgetError(f"a fraction budget must be a float in (0, 1], got {self.value!r}")
+        elif self.kind == "tokens":
+            if isinstance(self.value, bool) or not isinstance(self.value, int) or self.value < 0:
+                raise BudgetError(f"a token budget must be an int >= 0, got {self.value!r}")
+        else:
+            raise BudgetError(f"Budget.kind must be 'fraction' or 'tokens', got {self.kind!r}")
+
+    @classmethod
+    def parse(cls, value: object) -> Budget:
+        return parse_budget(value)
+
+    def tokens(self, full_tokens: int) -> int:
+        """Tokens for an image whose full count (``P * N``) is ``full_tokens``."""
+        if self.kind == "tokens":
+            return int(self.value)
+        return math.floor(Fraction(repr(self.value)) * full_tokens)
+
+    def to_config(self) -> float | int:
+        return self.value
+
+    def __str__(self) -> str:
+        if self.kind == "tokens":
+            return f"{self.value} tokens"
+        return f"{self.value * 100:g}%"
+
+
+def parse_budget(value: object) -> Budget:
+    """A :class:`Budget` from ``0.2``, ``"20%"``, ``"0.2"``, ``576``, ``"576"`` or a Budget.
+
+    Raises :class:`~tokenprune.BudgetError` for anything else: negatives, floats above 1,
+    NaN/inf, bools, and strings that are not numbers.
+    """
+    if isinstance(value, Budget):
+        return value
+    allowed = "a fraction in (0, 1] of the image's tokens (e.g. 0.2 or '20%') or an int >= 0 tokens"
+    if isinstance(value, bool):
+        raise BudgetError(f"budget {value!r} is a bool; expected {allowed}")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if text.endswith("%"):
+                percent = Fraction(text[:-1].strip())
+                if not 0 < percent <= 100:
+                    raise BudgetError(f"budget {value!r}: a percentage must be in (0, 100]")
+                return Budget("fraction", float(percent / 100))
+            if _INT.match(text):
+                return parse_budget(int(text))
+            return parse_budget(float(text))
+        except (ValueError, ZeroDivisionError):
+            raise BudgetError(f"budget {value!r} is not a number; expected {allowed}") from None
+    if isinstance(value, numbers.Integral):
+        if value < 0:
+            raise BudgetError(f"budget {value!r} is negative; expected {allowed}")
+        return Budget("tokens", int(value))
+    if isinstance(value, numbers.Real):
+        number = float(value)
+        if not math.isfinite(number):
+            raise BudgetError(f"budget {value!r} is not finite; expected {allowed}")
+        if number <= 0.0:
+            raise BudgetError(f"budget {value!r} must be > 0 as a fraction; for zero tokens pass the int 0")
+        if number > 1.0:
+            hint = f"; for {int(number)} tokens pass the int {int(number)}" if number.is_integer() else ""
+            raise BudgetError(f"budget {value!r} is a float above 1.0{hint}; expected {allowed}")
+        return Budget("fraction", number)
+    raise BudgetError(f"budget {value!r} has type {type(value).__name__}; expected {allowed}")

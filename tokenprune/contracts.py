@@ -1,0 +1,726 @@
+"""The contracts between stages (DESIGN §3): plain dataclasses of tensors and small ABCs.
+
+Data flows ``Partitioner -> Layout``, ``tower + AttentionTap -> Signals``,
+``BudgetAllocator -> budgets``, ``Selector -> Selection``. Every dataclass validates
+itself on construction, so a malformed value fails where it is made, not three stages
+later. Strategies only ever see ``Layout`` and ``Signals``; they never see a model.
+
+Conventions
+-----------
+* ``P`` partitions per image: the thumbnail (if any) first, then tiles in row-major order.
+* ``N = tokens_per_side ** 2`` patch tokens per partition, row-major, CLS excluded.
+* Layer numbers are 0-based encoder blocks; negative numbers count from the end
+  (``-2`` is block 22 of a 24-block tower).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+
+from .errors import ContractError, SignalError
+from .options import check_option_types
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = [
+    "Layout",
+    "Needs",
+    "Signals",
+    "Selection",
+    "Partitioner",
+    "AttentionTap",
+    "BudgetAllocator",
+    "Selector",
+    "Adapter",
+]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _require(condition: bool, message: str, error: type[Exception] = ContractError) -> None:
+    if not condition:
+        raise error(message)
+
+
+def _check_int(value: object, name: str, *, minimum: int = 0) -> int:
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+        f"{name} must be an int >= {minimum}, got {value!r}",
+    )
+    return value  # type: ignore[return-value]
+
+
+def _check_finite(tensor: torch.Tensor, what: str) -> None:
+    if tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise SignalError(f"{what} holds {bad} NaN/inf value(s); signals must be finite")
+
+
+# --------------------------------------------------------------------------- Layout
+
+
+@dataclass(frozen=True, eq=False)
+class Layout:
+    """How one image was cut into partitions, and which of their tokens are real.
+
+    Attributes:
+        tokens_per_side: patches per side of every partition (24 for CLIP-L/14 at 336 px).
+        tiles: ``(rows, cols)`` of the tile grid; ``(0, 0)`` when the image is one partition.
+        has_thumbnail: whether partition 0 is a downscaled view of the whole image.
+        valid: bool ``[P, N]``; ``False`` marks padding tokens that no strategy may keep.
+        overlap: float ``[P - 1, N]`` when there is a thumbnail and tiles, else ``None``:
+            ``overlap[i, j]`` is the share of thumbnail patch ``j`` that lies inside tile
+            ``i``'s image region, computed in 2-D image coordinates.
+        image_size: optional ``(height, width)`` of the original image, for reports.
+    """
+
+    tokens_per_side: int
+    tiles: tuple[int, int]
+    has_thumbnail: bool
+    valid: torch.Tensor
+    overlap: torch.Tensor | None = None
+    image_size: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        side = _check_int(self.tokens_per_side, "Layout.tokens_per_side", minimum=1)
+        _require(
+            isinstance(self.tiles, tuple)
+            and len(self.tiles) == 2
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.tiles),
+            f"Layout.tiles must be a (rows, cols) tuple of ints >= 0, got {self.tiles!r}",
+        )
+        rows, cols = self.tiles
+        _require(
+            (rows == 0) == (cols == 0),
+            f"Layout.tiles must be (0, 0) or both positive, got {self.tiles!r}",
+        )
+        _require(isinstance(self.has_thumbnail, bool), "Layout.has_thumbnail must be a bool")
+        _require(
+            not (self.has_thumbnail and rows == 0),
+            "Layout.has_thumbnail=True needs tiles; a single-partition image has tiles=(0, 0) "
+            "and has_thumbnail=False",
+        )
+        expected_p = int(self.has_thumbnail) + rows * cols if rows else 1
+        n = side * side
+        valid = self.valid
+        _require(isinstance(valid, torch.Tensor), "Layout.valid must be a torch.Tensor")
+        _require(
+            valid.dtype == torch.bool,
+            f"Layout.valid must be a bool tensor, got dtype {valid.dtype}",
+        )
+        _require(
+            tuple(valid.shape) == (expected_p, n),
+            f"Layout.valid must have shape [P, N] = [{expected_p}, {n}] for tiles={self.tiles}, "
+            f"has_thumbnail={self.has_thumbnail}, tokens_per_side={side}; got {tuple(valid.shape)}",
+        )
+        if self.has_thumbnail:
+            overlap = self.overlap
+            _require(
+                isinstance(overlap, torch.Tensor),
+                "Layout.overlap is required when there is a thumbnail and tiles",
+            )
+            assert overlap is not None
+            _require(
+                overlap.dtype in _FLOAT_DTYPES,
+                f"Layout.overlap must be a float tensor, got dtype {overlap.dtype}",
+            )
+            _require(
+                tuple(overlap.shape) == (expected_p - 1, n),
+                f"Layout.overlap must have shape [P - 1, N] = [{expected_p - 1}, {n}], "
+                f"got {tuple(overlap.shape)}",
+            )
+            if overlap.numel():
+                _check_finite(overlap, "Layout.overlap")
+                low, high = float(overlap.min()), float(overlap.sum(0).max())
+                _require(
+                    low >= 0.0 and high <= 1.0 + 1e-4,
+                    "Layout.overlap must lie in [0, 1] with at most 1 in total per thumbnail "
+                    f"patch; got min {low:.4g}, largest column sum {high:.4g}",
+                )
+        else:
+            _require(
+                self.overlap is None,
+                "Layout.overlap must be None without a thumbnail (it maps tiles onto the thumbnail)",
+            )
+        if self.image_size is not None:
+            _require(
+                isinstance(self.image_size, tuple)
+                and len(self.image_size) == 2
+                and all(isinstance(s, int) and s > 0 for s in self.image_size),
+                f"Layout.image_size must be (height, width) positive ints, got {self.image_size!r}",
+            )
+
+    @classmethod
+    def single(cls, tokens_per_side: int, *, valid: torch.Tensor | None = None) -> Layout:
+        """A one-partition layout (LLaVA-1.5, a bare tower), all tokens valid by default."""
+        if valid is None:
+            valid = torch.ones(1, tokens_per_side * tokens_per_side, dtype=torch.bool)
+        return cls(tokens_per_side=tokens_per_side, tiles=(0, 0), has_thumbnail=False, valid=valid)
+
+    @property
+    def num_partitions(self) -> int:
+        return int(self.valid.shape[0])
+
+    @property
+    def tokens_per_partition(self) -> int:
+        return self.tokens_per_side * self.tokens_per_side
+
+    @property
+    def full_tokens(self) -> int:
+        """``P * N``: what a fraction budget is a fraction of (padding included)."""
+        return self.num_partitions * self.tokens_per_partition
+
+    @property
+    def capacity(self) -> torch.Tensor:
+        """Valid (keepable) tokens per partition, int64 ``[P]``."""
+        return self.valid.sum(dim=1)
+
+    @property
+    def tile_slice(self) -> slice:
+        """Indices of the tiles among the partitions."""
+        return slice(1 if self.has_thumbnail else 0, self.num_partitions)
+
+    def partition_names(self) -> list[str]:
+        """Readable names: ``thumbnail``, ``tile r0c1`` ..., or ``image``."""
+        rows, cols = self.tiles
+        if rows == 0:
+            return ["image"]
+        names = ["thumbnail"] if self.has_thumbnail else []
+        names += [f"tile r{r}c{c}" for r in range(rows) for c in range(cols)]
+        return names
+
+
+# --------------------------------------------------------------------------- Needs
+
+
+def _layer_set(value: Iterable[int] | int, name: str) -> frozenset[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
+    try:
+        layers = frozenset(value)
+    except TypeError:
+        raise ContractError(f"Needs.{name} must be a set of layer ints, got {value!r}") from None
+    for layer in layers:
+        _require(
+            isinstance(layer, int) and not isinstance(layer, bool),
+            f"Needs.{name} must hold layer ints (negative counts from the end), got {layer!r}",
+        )
+    return layers
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a strategy asks the attention tap for; the tap computes nothing else.
+
+    Attributes:
+        cls_attention: blocks whose CLS->patch attention row is needed, per head.
+        wide_cls_attention: blocks whose CLS row is needed with the whole width treated
+            as one head (PruMerge's released code does this).
+        cls_embedding: blocks whose output CLS hidden state is needed.
+        keys: blocks whose patch keys are needed (e.g. PruMerge's merge neighbourhoods).
+        relevance: whether a per-partition prompt-relevance score is needed.
+        features: whether the selector reads the features (merging selectors do).
+        cls_token: whether the tower must have a CLS token (derived: any CLS signal).
+    """
+
+    cls_attention: frozenset[int] = frozenset()
+    wide_cls_attention: frozenset[int] = frozenset()
+    cls_embedding: frozenset[int] = frozenset()
+    keys: frozenset[int] = frozenset()
+    relevance: bool = False
+    features: bool = False
+
+    _LAYER_FIELDS: ClassVar[tuple[str, ...]] = (
+        "cls_attention",
+        "wide_cls_attention",
+        "cls_embedding",
+        "keys",
+    )
+
+    def __post_init__(self) -> None:
+        for name in self._LAYER_FIELDS:
+            object.__setattr__(self, name, _layer_set(getattr(self, name), name))
+        for name in ("relevance", "features"):
+            _require(isinstance(getattr(self, name), bool), f"Needs.{name} must be a bool")
+
+    def __or__(self, other: Needs) -> Needs:
+        if not isinstance(other, Needs):
+            return NotImplemented
+        return Needs(
+            **{n: getattr(self, n) | getattr(other, n) for n in self._LAYER_FIELDS},
+            relevance=self.relevance or other.relevance,
+            features=self.features or other.features,
+        )
+
+    @classmethod
+    def union(cls, *needs: Needs) -> Needs:
+        result = cls()
+        for item in needs:
+            result = result | item
+        return result
+
+    @property
+    def cls_token(self) -> bool:
+        return bool(self.cls_attention or self.wide_cls_attention or self.cls_embedding)
+
+    @property
+    def layers(self) -> frozenset[int]:
+        """Every block any field names (as given, possibly negative)."""
+        return frozenset().union(*(getattr(self, n) for n in self._LAYER_FIELDS))
+
+    def resolve(self, num_layers: int) -> Needs:
+        """Same needs with every layer made non-negative for a tower of ``num_layers`` blocks."""
+        _check_int(num_layers, "num_layers", minimum=1)
+        resolved = {}
+        for name in self._LAYER_FIELDS:
+            layers = set()
+            for layer in getattr(self, name):
+                absolute = layer + num_layers if layer < 0 else layer
+                _require(
+                    0 <= absolute < num_layers,
+                    f"layer {layer} in Needs.{name} is out of range for a tower with "
+                    f"{num_layers} blocks (allowed: {-num_layers}..{num_layers - 1})",
+                    SignalError,
+                )
+                layers.add(absolute)
+            resolved[name] = frozenset(layers)
+        return Needs(**resolved, relevance=self.relevance, features=self.features)
+
+    def describe(self) -> str:
+        parts = []
+        for name in self._LAYER_FIELDS:
+            layers = getattr(self, name)
+            if layers:
+                parts.append(f"{name}{sorted(layers)}")
+        if self.relevance:
+            parts.append("relevance")
+        if self.features:
+            parts.append("features")
+        return ", ".join(parts) or "nothing"
+
+
+# --------------------------------------------------------------------------- Signals
+
+
+def _frozen_layers(mapping: Mapping[int, torch.Tensor] | None) -> Mapping[int, torch.Tensor]:
+    return MappingProxyType(dict(mapping or {}))
+
+
+@dataclass(frozen=True, eq=False)
+class Signals:
+    """What the tower computed for one image's ``P`` partitions.
+
+    Attributes:
+        features: ``[P, N, D]`` at the model's feature layer (CLS removed), or ``None``.
+        cls_attention: ``{layer: [P, H, N]}`` float, softmax over all keys (CLS included),
+            then the CLS column dropped, so a row sums to ``1 - attn(CLS->CLS)``.
+        wide_cls_attention: ``{layer: [P, 1, N]}``, same with the width as one head.
+        cls_embedding: ``{layer: [P, D]}`` CLS hidden state at the output of ``layer``.
+        keys: ``{layer: [P, N, Dk]}`` patch keys of ``layer`` (heads concatenated).
+        relevance: ``[P]`` prompt relevance per partition, or ``None``.
+        prompt: the prompt text, when known.
+        num_layers: the tower's depth, used to resolve negative layer numbers.
+    """
+
+    features: torch.Tensor | None = None
+    cls_attention: Mapping[int, torch.Tensor] = field(default_factory=dict)
+    wide_cls_attention: Mapping[int, torch.Tensor] = field(default_factory=dict)
+    cls_embedding: Mapping[int, torch.Tensor] = field(default_factory=dict)
+    keys: Mapping[int, torch.Tensor] = field(default_factory=dict)
+    relevance: torch.Tensor | None = None
+    prompt: str | None = None
+    num_layers: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_layers is not None:
+            _check_int(self.num_layers, "Signals.num_layers", minimum=1)
+        for name in ("cls_attention", "wide_cls_attention", "cls_embedding", "keys"):
+            object.__setattr__(self, name, _frozen_layers(getattr(self, name)))
+        p: int | None = None
+        n: int | None = None
+
+        def agree(what: str, tensor: torch.Tensor, rank: int, token_dim: int | None) -> None:
+            nonlocal p, n
+            _require(isinstance(tensor, torch.Tensor), f"{what} must be a torch.Tensor")
+            _require(
+                tensor.dim() == rank,
+                f"{what} must have {rank} dims, got shape {tuple(tensor.shape)}",
+            )
+            _require(tensor.dtype in _FLOAT_DTYPES, f"{what} must be floating, got {tensor.dtype}")
+            if p is None:
+                p = int(tensor.shape[0])
+            _require(
+                int(tensor.shape[0]) == p,
+                f"{what} has {tensor.shape[0]} partitions, other signals have {p}",
+            )
+            if token_dim is not None:
+                tokens = int(tensor.shape[token_dim])
+                if n is None:
+                    n = tokens
+                _require(tokens == n, f"{what} has {tokens} tokens, other signals have {n}")
+
+        if self.features is not None:
+            agree("Signals.features", self.features, 3, 1)
+        for name, rank, token_dim in (
+            ("cls_attention", 3, 2),
+            ("wide_cls_attention", 3, 2),
+            ("cls_embedding", 2, None),
+            ("keys", 3, 1),
+        ):
+            for layer, tensor in getattr(self, name).items():
+                _require(
+                    isinstance(layer, int) and not isinstance(layer, bool),
+                    f"Signals.{name} keys must be layer ints, got {layer!r}",
+                )
+                if self.num_layers is not None:
+                    _require(
+                        -self.num_layers <= layer < self.num_layers,
+                        f"Signals.{name} has layer {layer}, out of range for "
+                        f"{self.num_layers} blocks",
+                    )
+                what = f"Signals.{name}[{layer}]"
+                agree(what, tensor, rank, token_dim)
+                if name == "wide_cls_attention":
+                    _require(tensor.shape[1] == 1, f"{what} must have one head, got {tensor.shape[1]}")
+                if name != "keys":
+                    _check_finite(tensor, what)
+        if self.relevance is not None:
+            agree("Signals.relevance", self.relevance, 1, None)
+            _check_finite(self.relevance, "Signals.relevance")
+
+    @property
+    def num_partitions(self) -> int | None:
+        for tensor in self._tensors():
+            return int(tensor.shape[0])
+        return None
+
+    def _tensors(self) -> Iterator[torch.Tensor]:
+        if self.features is not None:
+            yield self.features
+        for name in ("cls_attention", "wide_cls_attention", "cls_embedding", "keys"):
+            yield from getattr(self, name).values()
+        if self.relevance is not None:
+            yield self.relevance
+
+    def _lookup(self, name: str, layer: int, hint: str) -> torch.Tensor:
+        mapping: Mapping[int, torch.Tensor] = getattr(self, name)
+        if layer in mapping:
+            return mapping[layer]
+        if self.num_layers is not None:
+            other = layer + self.num_layers if layer < 0 else layer - self.num_layers
+            if other in mapping:
+                return mapping[other]
+        available = sorted(mapping) or "none"
+        raise SignalError(
+            f"Signals.{name} has no layer {layer} (available: {available}); "
+            f"{hint} declare it in its Needs so the tap computes it"
+        )
+
+    def attention(self, layer: int, *, wide: bool = False) -> torch.Tensor:
+        """CLS->patch attention of ``layer`` ``[P, H, N]`` (``[P, 1, N]`` when ``wide``)."""
+        name = "wide_cls_attention" if wide else "cls_attention"
+        return self._lookup(name, layer, "the strategy must")
+
+    def embedding(self, layer: int) -> torch.Tensor:
+        """CLS hidden state at the output of ``layer``, ``[P, D]``."""
+        return self._lookup("cls_embedding", layer, "the strategy must")
+
+    def key(self, layer: int) -> torch.Tensor:
+        """Patch keys of ``layer``, ``[P, N, Dk]``."""
+        return self._lookup("keys", layer, "the strategy must")
+
+    def require(self, needs: Needs, *, who: str = "strategy") -> None:
+        """Raise :class:`SignalError` naming ``who`` if anything in ``needs`` is missing."""
+        for layer in needs.cls_attention:
+            self._lookup("cls_attention", layer, f"{who} needs it;")
+        for layer in needs.wide_cls_attention:
+            self._lookup("wide_cls_attention", layer, f"{who} needs it;")
+        for layer in needs.cls_embedding:
+            self._lookup("cls_embedding", layer, f"{who} needs it;")
+        for layer in needs.keys:
+            self._lookup("keys", layer, f"{who} needs it;")
+        if needs.relevance and self.relevance is None:
+            raise SignalError(
+                f"{who} needs prompt relevance (Signals.relevance) but none was computed; "
+                "give the pipeline a relevance scorer"
+            )
+        if needs.features and self.features is None:
+            raise SignalError(f"{who} needs Signals.features but none were given")
+
+    def partitions(self, index: slice | Sequence[int] | torch.Tensor) -> Signals:
+        """The same signals restricted to some partitions (used to split a batch)."""
+
+        def take(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor[index]
+
+        return Signals(
+            features=None if self.features is None else take(self.features),
+            cls_attention={k: take(v) for k, v in self.cls_attention.items()},
+            wide_cls_attention={k: take(v) for k, v in self.wide_cls_attention.items()},
+            cls_embedding={k: take(v) for k, v in self.cls_embedding.items()},
+            keys={k: take(v) for k, v in self.keys.items()},
+            relevance=None if self.relevance is None else take(self.relevance),
+            prompt=self.prompt,
+            num_layers=self.num_layers,
+        )
+
+    def check_layout(self, layout: Layout) -> None:
+        """Raise if these signals do not describe ``layout``'s partitions and tokens."""
+        p = self.num_partitions
+        if p is not None:
+            _require(
+                p == layout.num_partitions,
+                f"signals have {p} partitions, the layout has {layout.num_partitions}",
+            )
+        tokens = layout.tokens_per_partition
+        for name in ("cls_attention", "wide_cls_attention"):
+            for layer, tensor in getattr(self, name).items():
+                _require(
+                    tensor.shape[-1] == tokens,
+                    f"Signals.{name}[{layer}] has {tensor.shape[-1]} tokens, the layout has {tokens}",
+                )
+        for what, tensor in [("features", self.features), *self.keys.items()]:
+            if tensor is not None:
+                _require(
+                    tensor.shape[1] == tokens,
+                    f"Signals {what} has {tensor.shape[1]} tokens, the layout has {tokens}",
+                )
+
+
+# --------------------------------------------------------------------------- Selection
+
+
+@dataclass(frozen=True, eq=False)
+class Selection:
+    """The tokens one image keeps.
+
+    Attributes:
+        indices: per partition, int64 ascending unique token indices into ``N``.
+        features: per partition ``[len(indices[p]) + extra_tokens[p], D]`` when the selector
+            changes features (merging), else ``None`` (the adapter gathers the originals).
+            Rows are the kept tokens in ``indices`` order, then the extra tokens.
+        extra_tokens: per partition, how many summary tokens follow the kept ones (they
+            count against the budget). ``None`` means zero everywhere.
+    """
+
+    indices: tuple[torch.Tensor, ...]
+    features: tuple[torch.Tensor, ...] | None = None
+    extra_tokens: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "indices", tuple(self.indices))
+        for p, idx in enumerate(self.indices):
+            _require(
+                isinstance(idx, torch.Tensor) and idx.dim() == 1 and idx.dtype == torch.int64,
+                f"Selection.indices[{p}] must be a 1-D int64 tensor, got "
+                f"{getattr(idx, 'dtype', type(idx))} with shape {tuple(getattr(idx, 'shape', ()))}",
+            )
+            if idx.numel() > 1:
+                _require(
+                    bool((idx[1:] > idx[:-1]).all()),
+                    f"Selection.indices[{p}] must be strictly ascending (spatial order, no duplicates)",
+                )
+            if idx.numel():
+                _require(int(idx[0]) >= 0, f"Selection.indices[{p}] has a negative index")
+        if self.extra_tokens is not None:
+            extra = tuple(self.extra_tokens)
+            object.__setattr__(self, "extra_tokens", extra)
+            _require(
+                len(extra) == len(self.indices)
+                and all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in extra),
+                "Selection.extra_tokens must hold one int >= 0 per partition",
+            )
+        if self.features is not None:
+            feats = tuple(self.features)
+            object.__setattr__(self, "features", feats)
+            _require(
+                len(feats) == len(self.indices),
+                f"Selection.features has {len(feats)} partitions, indices have {len(self.indices)}",
+            )
+            for p, (f, count) in enumerate(zip(feats, self.counts.tolist())):
+                _require(
+                    isinstance(f, torch.Tensor) and f.dim() == 2 and f.shape[0] == count,
+                    f"Selection.features[{p}] must be [{count}, D] (kept + extra tokens), "
+                    f"got {tuple(getattr(f, 'shape', ()))}",
+                )
+        else:
+            _require(
+                self.extra_tokens is None or not any(self.extra_tokens),
+                "Selection.extra_tokens needs Selection.features to hold those tokens",
+            )
+
+    @property
+    def num_partitions(self) -> int:
+        return len(self.indices)
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Tokens the LLM sees per partition (kept + extra), int64 ``[P]``."""
+        extra = self.extra_tokens or (0,) * len(self.indices)
+        return torch.tensor([int(i.numel()) + e for i, e in zip(self.indices, extra)], dtype=torch.int64)
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+    def mask(self, tokens_per_partition: int) -> torch.Tensor:
+        """bool ``[P, N]`` of kept token positions (extra tokens have no position)."""
+        mask = torch.zeros(len(self.indices), tokens_per_partition, dtype=torch.bool)
+        for p, idx in enumerate(self.indices):
+            mask[p, idx.cpu()] = True
+        return mask
+
+    def check_layout(self, layout: Layout) -> None:
+        """Raise unless every index is in range and points at a valid token."""
+        _require(
+            self.num_partitions == layout.num_partitions,
+            f"selection has {self.num_partitions} partitions, the layout has {layout.num_partitions}",
+        )
+        n = layout.tokens_per_partition
+        for p, idx in enumerate(self.indices):
+            if idx.numel():
+                _require(int(idx[-1]) < n, f"Selection.indices[{p}] has index {int(idx[-1])} >= N = {n}")
+                kept_valid = layout.valid[p].to(idx.device)[idx]
+                _require(
+                    bool(kept_valid.all()),
+                    f"Selection.indices[{p}] keeps {int((~kept_valid).sum())} padding token(s)",
+                )
+
+
+# --------------------------------------------------------------------------- interfaces
+
+
+class _Configurable:
+    """Options live in dataclass fields; they are type-checked, then :meth:`check`-ed."""
+
+    #: Set by the registry decorator.
+    registry_name: ClassVar[str | None] = None
+
+    def __post_init__(self) -> None:
+        check_option_types(self)
+        self.check()
+
+    def check(self) -> None:
+        """Validate option values; raise :class:`~tokenprune.ConfigError`. Default: nothing."""
+
+    def options(self) -> dict[str, Any]:
+        """The options that rebuild this instance (a dataclass's init fields)."""
+        if hasattr(self, "__dataclass_fields__"):
+            return {f.name: getattr(self, f.name) for f in fields(self) if f.init}  # type: ignore[arg-type]
+        return {}
+
+    def describe(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{self.registry_name or type(self).__name__}({opts})"
+
+
+class _Strategy(_Configurable, ABC):
+    """Shared by allocators and selectors: a name, options, and the signals it needs."""
+
+    @property
+    def needs(self) -> Needs:
+        """Signals this strategy reads. Default: none (geometry only)."""
+        return Needs()
+
+
+
+class BudgetAllocator(_Strategy):
+    """Splits one image's token budget across its partitions."""
+
+    @property
+    def exact(self) -> bool:
+        """Whether budgets sum exactly to the image's budget (``False`` under floor rounding)."""
+        return getattr(self, "rounding", "exact") != "floor"
+
+    @abstractmethod
+    def allocate(self, layout: Layout, signals: Signals, total: int) -> torch.Tensor:
+        """Return int64 ``[P]`` summing to ``min(total, layout.capacity.sum())``.
+
+        Shares never exceed ``layout.capacity``. Use :func:`tokenprune.apportion` to turn
+        weights into integers; it is the one place where shares are rounded.
+        """
+
+    def allocate_batch(
+        self, layouts: Sequence[Layout], signals: Sequence[Signals], totals: Sequence[int]
+    ) -> list[torch.Tensor]:
+        """Per-image budgets for a batch. Override only when images must see each other."""
+        return [self.allocate(lay, sig, tot) for lay, sig, tot in zip(layouts, signals, totals)]
+
+
+class Selector(_Strategy):
+    """Chooses which tokens each partition keeps, given its budget."""
+
+    #: ``True`` when the selector chooses its own count (at most the budget).
+    adaptive: ClassVar[bool] = False
+
+    @abstractmethod
+    def select(self, layout: Layout, signals: Signals, budgets: torch.Tensor) -> Selection:
+        """Keep exactly ``budgets[p]`` valid tokens per partition (fewer only if adaptive)."""
+
+    def select_batch(
+        self, layouts: Sequence[Layout], signals: Sequence[Signals], budgets: Sequence[torch.Tensor]
+    ) -> list[Selection]:
+        """Per-image selections for a batch. Override only when images must see each other."""
+        return [self.select(lay, sig, bud) for lay, sig, bud in zip(layouts, signals, budgets)]
+
+
+class Partitioner(ABC):
+    """Maps an image size to the model family's partitions (mirrors its processor)."""
+
+    @abstractmethod
+    def layout(self, image_size: tuple[int, int]) -> Layout:
+        """``Layout`` for an image of ``(height, width)`` pixels."""
+
+
+class AttentionTap(ABC):
+    """Reads the signals a ``Needs`` asks for out of one vision tower's own forward.
+
+    A tap is bound to one tower instance. :meth:`capture` installs per-instance hooks and
+    removes them on exit, also on exception. The tower keeps its attention kernel.
+    """
+
+    #: The framework name reported in errors ("transformers", "timm", "open_clip").
+    framework: ClassVar[str] = "unknown"
+
+    @property
+    @abstractmethod
+    def num_layers(self) -> int:
+        """Number of transformer blocks in the tower."""
+
+    @property
+    @abstractmethod
+    def has_cls_token(self) -> bool:
+        """Whether the tower prepends a CLS token."""
+
+    @property
+    def tower_name(self) -> str:
+        """A readable name of the tower for error messages."""
+        return self.framework
+
+    @abstractmethod
+    def capture(self, needs: Needs) -> AbstractContextManager[Any]:
+        """Context manager; on exit the recorded signals are available from its value."""
+
+
+class Adapter(_Configurable, ABC):
+    """Knows one VLM family: its partitioner, tower tap, feature layer and LLM input."""
+
+    #: Model classes this adapter accepts (names, so no import is needed to check).
+    model_classes: ClassVar[tuple[str, ...]] = ()
+
+    def check_parts(self, allocator: BudgetAllocator, selector: Selector) -> None:  # noqa: B027
+        """Raise :class:`~tokenprune.IncompatibleError` if the strategies cannot run here."""
+
+
+def finite_or_raise(tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """Return ``tensor`` unchanged, or raise :class:`SignalError` if it holds NaN/inf."""
+    _check_finite(tensor, what)
+    return tensor

@@ -1,0 +1,337 @@
+"""``Pipeline``: an adapter, a budget allocator, a selector and a budget, composed.
+
+A pipeline is the unit of an ablation: it validates everything at construction, prints
+itself readably, and round-trips exactly through a plain dict::
+
+    pipe = tp.Pipeline(adapter="llava_next", allocator="hired", selector="cls_final", budget=0.2)
+    tp.Pipeline.from_dict(pipe.to_dict()) == pipe   # True
+
+Without an adapter it runs at the strategy level on a given ``Layout`` and ``Signals``
+(:meth:`Pipeline.apply`), which is what strategy authors and tests use.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .budget import Budget, parse_budget
+from .contracts import Adapter, BudgetAllocator, Layout, Needs, Selection, Selector, Signals
+from .errors import ConfigError, ContractError
+from .registry import ADAPTERS, ALLOCATORS, SELECTORS, Registry
+
+__all__ = ["Pipeline", "PruneResult", "ImageStats"]
+
+_PARTS = ("adapter", "allocator", "selector")
+
+
+@dataclass(frozen=True)
+class ImageStats:
+    """What happened to one image: token counts per partition and in total."""
+
+    partitions: tuple[str, ...]
+    full_tokens: int
+    budget: int
+    capacity: tuple[int, ...]
+    allocated: tuple[int, ...]
+    kept: tuple[int, ...]
+    adaptive: bool
+
+    @property
+    def kept_total(self) -> int:
+        return sum(self.kept)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "partitions": list(self.partitions),
+            "full_tokens": self.full_tokens,
+            "budget": self.budget,
+            "capacity": list(self.capacity),
+            "allocated": list(self.allocated),
+            "kept": list(self.kept),
+            "kept_total": self.kept_total,
+            "adaptive": self.adaptive,
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class PruneResult:
+    """Budgets and selection for one image, with its stats."""
+
+    budgets: torch.Tensor
+    selection: Selection
+    stats: ImageStats
+
+
+def _build_part(
+    registry: Registry[Any], spec: object, options: Mapping[str, Any], kind: type
+) -> tuple[Any, str | None]:
+    """Instance and the name it was built from (``None`` for a given instance)."""
+    if isinstance(spec, kind):
+        if options:
+            raise ConfigError(
+                f"{registry.stage} options {sorted(options)} were given with a ready-made "
+                f"{registry.stage} instance; set them on the instance instead"
+            )
+        return spec, None
+    if isinstance(spec, str):
+        return registry.build(spec, **options), spec
+    if isinstance(spec, Mapping):
+        config = dict(spec)
+        name = config.get("name")
+        return registry.build(config, **options), name
+    raise ConfigError(
+        f"{registry.stage} must be a registered name, a preset name, a config dict or a "
+        f"tokenprune.{kind.__name__} instance; got {type(spec).__name__}"
+    )
+
+
+class Pipeline:
+    """Adapter + allocator + selector + budget.
+
+    Args:
+        adapter: VLM family (``"llava"``, ``"llava_next"``, ...), an instance, or ``None``
+            for strategy-level use on given Layout/Signals.
+        allocator: budget allocator name, preset name (``"hired@reference"``), config
+            dict or instance.
+        selector: selector name, preset name, config dict or instance.
+        budget: per-image budget: a fraction in (0, 1] of the image's full token count,
+            or an int token count (see :func:`tokenprune.parse_budget`).
+        adapter_options, allocator_options, selector_options: options of each part.
+        **options: options routed to the one part that declares them; ambiguous or
+            unknown names are an error.
+    """
+
+    def __init__(
+        self,
+        adapter: str | Mapping[str, Any] | Adapter | None = None,
+        *,
+        allocator: str | Mapping[str, Any] | BudgetAllocator,
+        selector: str | Mapping[str, Any] | Selector,
+        budget: float | int | str | Budget,
+        adapter_options: Mapping[str, Any] | None = None,
+        allocator_options: Mapping[str, Any] | None = None,
+        selector_options: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> None:
+        self.budget: Budget = parse_budget(budget)
+        specs = {"adapter": adapter, "allocator": allocator, "selector": selector}
+        per_part = {
+            "adapter": dict(adapter_options or {}),
+            "allocator": dict(allocator_options or {}),
+            "selector": dict(selector_options or {}),
+        }
+        self._route(options, specs, per_part)
+        self.allocator: BudgetAllocator
+        self.selector: Selector
+        self.adapter: Adapter | None
+        self.allocator, self._allocator_name = _build_part(
+            ALLOCATORS, allocator, per_part["allocator"], BudgetAllocator
+        )
+        self.selector, self._selector_name = _build_part(SELECTORS, selector, per_part["selector"], Selector)
+        if adapter is None:
+            if per_part["adapter"]:
+                raise ConfigError("adapter options were given without an adapter")
+            self.adapter, self._adapter_name = None, None
+        else:
+            self.adapter, self._adapter_name = _build_part(ADAPTERS, adapter, per_part["adapter"], Adapter)
+            self.adapter.check_parts(self.allocator, self.selector)
+
+    @staticmethod
+    def _route(options: dict[str, Any], specs: dict[str, Any], per_part: dict[str, dict[str, Any]]) -> None:
+        registries = {"adapter": ADAPTERS, "allocator": ALLOCATORS, "selector": SELECTORS}
+        accepted: dict[str, tuple[str, ...]] = {}
+        for part, spec in specs.items():
+            name = spec.get("name") if isinstance(spec, Mapping) else spec
+            if isinstance(name, str):
+                accepted[part] = registries[part].entry(name).option_names() or ()
+        for key, value in options.items():
+            owners = [part for part, names in accepted.items() if key in names]
+            if len(owners) == 1:
+                per_part[owners[0]].setdefault(key, value)
+                continue
+            if len(owners) > 1:
+                raise ConfigError(
+                    f"option {key!r} is taken by both the {' and the '.join(owners)}; pass it as "
+                    + " or ".join(f"{p}_options={{{key!r}: ...}}" for p in owners)
+                )
+            everything = sorted({n for names in accepted.values() for n in names})
+            close = difflib.get_close_matches(key, everything, n=3, cutoff=0.5)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ConfigError(
+                f"no part of this pipeline takes option {key!r}.{hint} "
+                f"Options: {', '.join(everything) or '(none)'}."
+            )
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def needs(self) -> Needs:
+        """Union of what the allocator and selector read."""
+        return self.allocator.needs | self.selector.needs
+
+    @property
+    def adaptive(self) -> bool:
+        return bool(self.selector.adaptive)
+
+    # ------------------------------------------------------------------ strategy level
+    def image_budget(self, layout: Layout) -> int:
+        """The budget of one image in tokens."""
+        return self.budget.tokens(layout.full_tokens)
+
+    def apply(self, layout: Layout, signals: Signals) -> PruneResult:
+        """Allocate and select for one image whose signals are already computed."""
+        return self.apply_batch([layout], [signals])[0]
+
+    def apply_batch(self, layouts: Sequence[Layout], signals: Sequence[Signals]) -> list[PruneResult]:
+        """Allocate and select for a batch of images (each keeps its own budget)."""
+        if len(layouts) != len(signals):
+            raise ContractError(f"{len(layouts)} layouts but {len(signals)} signals")
+        alloc_name = self._part_label("allocator")
+        sel_name = self._part_label("selector")
+        for layout, signal in zip(layouts, signals):
+            signal.check_layout(layout)
+            signal.require(self.allocator.needs, who=f"allocator {alloc_name}")
+            signal.require(self.selector.needs, who=f"selector {sel_name}")
+        totals = [self.image_budget(layout) for layout in layouts]
+        all_budgets = self.allocator.allocate_batch(layouts, signals, totals)
+        for layout, total, budgets in zip(layouts, totals, all_budgets):
+            self._check_budgets(layout, total, budgets, alloc_name)
+        selections = self.selector.select_batch(layouts, signals, all_budgets)
+        results = []
+        for layout, total, budgets, selection in zip(layouts, totals, all_budgets, selections):
+            self._check_selection(layout, budgets, selection, sel_name)
+            stats = ImageStats(
+                partitions=tuple(layout.partition_names()),
+                full_tokens=layout.full_tokens,
+                budget=total,
+                capacity=tuple(layout.capacity.tolist()),
+                allocated=tuple(budgets.tolist()),
+                kept=tuple(selection.counts.tolist()),
+                adaptive=self.adaptive,
+            )
+            results.append(PruneResult(budgets=budgets, selection=selection, stats=stats))
+        return results
+
+    def _check_budgets(self, layout: Layout, total: int, budgets: torch.Tensor, who: str) -> None:
+        p = layout.num_partitions
+        if not isinstance(budgets, torch.Tensor) or budgets.dtype != torch.int64 or tuple(budgets.shape) != (p,):
+            raise ContractError(
+                f"allocator {who} must return an int64 tensor of shape [{p}], got "
+                f"{getattr(budgets, 'dtype', type(budgets))} {tuple(getattr(budgets, 'shape', ()))}"
+            )
+        capacity = layout.capacity.to(budgets.device)
+        if bool((budgets < 0).any()) or bool((budgets > capacity).any()):
+            raise ContractError(
+                f"allocator {who} returned {budgets.tolist()}, outside [0, capacity={capacity.tolist()}]"
+            )
+        expected = min(total, int(capacity.sum()))
+        exact = self.allocator.exact
+        got = int(budgets.sum())
+        if (exact and got != expected) or got > expected:
+            raise ContractError(
+                f"allocator {who} returned budgets summing to {got}; the image's budget is "
+                f"{expected} (min of {total} and capacity {int(capacity.sum())})"
+            )
+
+    def _check_selection(self, layout: Layout, budgets: torch.Tensor, selection: Selection, who: str) -> None:
+        if not isinstance(selection, Selection):
+            raise ContractError(f"selector {who} must return a Selection, got {type(selection).__name__}")
+        selection.check_layout(layout)
+        counts = selection.counts
+        wanted = budgets.cpu()
+        ok = bool((counts <= wanted).all()) if self.adaptive else bool((counts == wanted).all())
+        if not ok:
+            rule = "at most" if self.adaptive else "exactly"
+            raise ContractError(
+                f"selector {who} kept {counts.tolist()} tokens per partition; it must keep "
+                f"{rule} its budgets {wanted.tolist()}"
+            )
+
+    # ------------------------------------------------------------------ config
+    def _part_label(self, part: str) -> str:
+        name = getattr(self, f"_{part}_name")
+        if name is not None:
+            return repr(name)
+        return type(getattr(self, part)).__name__
+
+    def _part_config(self, part: str) -> dict[str, Any] | None:
+        instance = getattr(self, part)
+        if instance is None:
+            return None
+        name = getattr(self, f"_{part}_name")
+        if name is None:
+            registry = {"adapter": ADAPTERS, "allocator": ALLOCATORS, "selector": SELECTORS}[part]
+            name = registry.name_of(instance)
+        return {"name": name, **instance.options()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict that :meth:`from_dict` rebuilds into an equal pipeline."""
+        return {
+            "adapter": self._part_config("adapter"),
+            "allocator": self._part_config("allocator"),
+            "selector": self._part_config("selector"),
+            "budget": self.budget.to_config(),
+        }
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> Pipeline:
+        """Rebuild from :meth:`to_dict` output (or a hand-written config of the same shape)."""
+        if not isinstance(config, Mapping):
+            raise ConfigError(f"a pipeline config must be a mapping, got {type(config).__name__}")
+        allowed = {"adapter", "allocator", "selector", "budget"}
+        unknown = sorted(set(config) - allowed)
+        if unknown:
+            raise ConfigError(f"unknown pipeline config keys {unknown}; allowed: {sorted(allowed)}")
+        missing = sorted({"allocator", "selector", "budget"} - set(config))
+        if missing:
+            raise ConfigError(f"pipeline config is missing {missing}")
+        return cls(
+            adapter=config.get("adapter"),
+            allocator=config["allocator"],
+            selector=config["selector"],
+            budget=config["budget"],
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Pipeline):
+            return NotImplemented
+        return all(
+            type(getattr(self, p)) is type(getattr(other, p))
+            and (getattr(self, p) is None or getattr(self, p).options() == getattr(other, p).options())
+            for p in _PARTS
+        ) and self.budget == other.budget
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def describe(self) -> str:
+        """A readable multi-line summary."""
+        lines = ["Pipeline"]
+        for part in _PARTS:
+            instance = getattr(self, part)
+            if instance is None:
+                lines.append(f"  {part + ':':<11}none (strategy level: apply() on given Layout/Signals)")
+                continue
+            name = getattr(self, f"_{part}_name") or type(instance).__name__
+            opts = ", ".join(f"{k}={v!r}" for k, v in instance.options().items())
+            registry = {"adapter": ADAPTERS, "allocator": ALLOCATORS, "selector": SELECTORS}[part]
+            summary = registry.summary(name) if name in registry else ""
+            lines.append(f"  {part + ':':<11}{name}({opts})" + (f"\n{'':13}{summary}" if summary else ""))
+        kind = "of each image's tokens" if self.budget.kind == "fraction" else "per image"
+        lines.append(f"  {'budget:':<11}{self.budget} {kind}")
+        lines.append(f"  {'needs:':<11}{self.needs.describe()}")
+        if self.adaptive:
+            lines.append(f"  {'':<11}(adaptive selector: keeps at most the budget and reports its count)")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        parts = []
+        for part in _PARTS:
+            instance = getattr(self, part)
+            if instance is not None:
+                parts.append(f"{part}={getattr(self, f'_{part}_name') or type(instance).__name__!r}")
+        parts.append(f"budget={self.budget.to_config()!r}")
+        return f"Pipeline({', '.join(parts)})"
