@@ -450,7 +450,7 @@ class Signals:
         if needs.relevance and self.relevance is None:
             raise SignalError(
                 f"{who} needs prompt relevance (Signals.relevance) but none was computed; "
-                "give the pipeline a relevance scorer"
+                "give the adapter a scorer with its relevance_scorer option"
             )
         if needs.features and self.features is None:
             raise SignalError(f"{who} needs Signals.features but none were given")
@@ -658,8 +658,12 @@ class BudgetAllocator(_Strategy):
 class Selector(_Strategy):
     """Chooses which tokens each partition keeps, given its budget."""
 
-    #: ``True`` when the selector chooses its own count (at most the budget).
+    #: ``True`` when the selector chooses its own count (at most the budget). A subclass
+    #: may override it with a property when an option decides it.
     adaptive: ClassVar[bool] = False
+    #: ``True`` when the tokens kept at budget ``b`` are a subset of those kept at ``b + 1``
+    #: (score-based selectors). Geometric selectors (a lattice per budget) may set ``False``.
+    nested: ClassVar[bool] = True
 
     @abstractmethod
     def select(self, layout: Layout, signals: Signals, budgets: torch.Tensor) -> Selection:
