@@ -295,6 +295,8 @@ def parse_budget(value: object) -> Budget:
             if _INT.match(text):
                 return parse_budget(int(text))
             return parse_budget(float(text))
+        except BudgetError:
+            raise
         except (ValueError, ZeroDivisionError):
             raise BudgetError(f"budget {value!r} is not a number; expected {allowed}") from None
     if isinstance(value, numbers.Integral):
