@@ -251,6 +251,24 @@ class Pipeline:
                 f"{rule} its budgets {wanted.tolist()}"
             )
 
+    # ------------------------------------------------------------------ towers
+    def prune(self, tower: Any, pixel_values: torch.Tensor, layouts: Sequence[Layout] | None = None) -> list[Any]:
+        """Prune a bare vision tower's output (adapter ``vision_tower``).
+
+        Runs ``tower`` once on ``pixel_values`` with the attention tap, then allocates and
+        selects per image. By default each item of ``pixel_values`` is one image of one
+        partition; pass ``layouts`` for multi-crop images (their partitions consume
+        consecutive crops). Returns, per image, the kept features, their indices and stats.
+        """
+        prune = getattr(self.adapter, "prune", None)
+        if prune is None:
+            have = "no adapter" if self.adapter is None else f"adapter {self._part_label('adapter')}"
+            raise ConfigError(
+                f"Pipeline.prune needs an adapter that prunes bare towers, e.g. adapter='vision_tower'; "
+                f"this pipeline has {have}"
+            )
+        return prune(self, tower, pixel_values, layouts)
+
     # ------------------------------------------------------------------ config
     def _part_label(self, part: str) -> str:
         name = getattr(self, f"_{part}_name")
