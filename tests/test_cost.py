@@ -8,13 +8,20 @@ from tokenprune.cost import KNOWN_LLMS, LLMShape, kv_cache_bytes, prefill_flops
 from tokenprune.errors import ConfigError
 
 
-@pytest.mark.parametrize(
-    ("tokens", "tflops", "kv_mb"),
-    [(2673, 38.4, 1336.5), (1105, 14.1, 552.5), (583, 7.7, 291.5)],
-)
-def test_hero_table_4_within_two_percent(tokens, tflops, kv_mb):
+@pytest.mark.parametrize(("tokens", "tflops"), [(2673, 38.4), (583, 7.7)])
+def test_hero_table_4_flops_within_two_percent(tokens, tflops):
     assert prefill_flops(tokens, "vicuna-7b") / 1e12 == pytest.approx(tflops, rel=0.02)
-    assert kv_cache_bytes(tokens, "vicuna-7b") / 2**20 == pytest.approx(kv_mb, rel=0.02)
+
+
+def test_hero_table_4_40_percent_row_is_not_consistent_with_its_own_formula():
+    # HERO reports 14.1 TFLOPs for 1105 tokens; its formula gives 14.95 (6 % more). The
+    # 100 % and 20 % rows match, so the 40 % row is the odd one; we document, not fudge.
+    assert prefill_flops(1105, "vicuna-7b") / 1e12 == pytest.approx(14.95, abs=0.01)
+
+
+@pytest.mark.parametrize(("tokens", "kv_mb"), [(2673, 1336.5), (1105, 552.5), (583, 291.5)])
+def test_hero_table_4_kv_cache_exactly(tokens, kv_mb):
+    assert kv_cache_bytes(tokens, "vicuna-7b") / 2**20 == kv_mb
 
 
 def test_formula_by_hand_for_a_tiny_model():
