@@ -100,7 +100,9 @@ def resized_size(image_size: tuple[int, int], target: tuple[int, int]) -> tuple[
     return target_height, min(math.ceil(width * scale_h), target_width)
 
 
-def unpad_window(image_size: tuple[int, int], canvas_shape: tuple[int, int]) -> tuple[int, int, int, int]:
+def unpad_window(
+    image_size: tuple[int, int], canvas_shape: tuple[int, int]
+) -> tuple[int, int, int, int]:
     """Token rows ``[top, bottom)`` and columns ``[left, right)`` that the model's
     ``unpad_image`` keeps of a ``canvas_shape`` token canvas (HF's rounding, exactly)."""
     height, width = image_size
@@ -149,7 +151,7 @@ def _axis_shares(
     return inside.clamp_min(0.0) / band
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class AnyresGeometry:
     """Everything about one image's LLaVA-NeXT cut, in pixels and in tokens.
 
@@ -212,7 +214,7 @@ class AnyresGeometry:
         return side * side + kept_rows * kept_cols + (kept_rows if newline else 0)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class LlavaNextPartitioner(Partitioner):
     """Thumbnail + tile partitions of LLaVA-NeXT, with HF's exact geometry.
 
@@ -253,7 +255,7 @@ class LlavaNextPartitioner(Partitioner):
                 f"int pairs, got {self.grid_pinpoints!r}"
             )
         for height, width in pinpoints:
-            if height < self.crop_size or width < self.crop_size or height % self.crop_size or width % self.crop_size:
+            if min(height, width) < self.crop_size or height % self.crop_size or width % self.crop_size:
                 raise ConfigError(
                     f"LlavaNextPartitioner: grid pinpoint {(height, width)} must be positive "
                     f"multiples of crop_size {self.crop_size} in both sides (the processor cuts "
@@ -382,8 +384,9 @@ class LlavaNextPartitioner(Partitioner):
         height, width = geometry.image_size
         rows, cols = geometry.tiles
         side = self.tokens_per_side
-        share_y = _axis_shares(height, geometry.resized_size[0], geometry.padding[0], rows, self.crop_size, side)
-        share_x = _axis_shares(width, geometry.resized_size[1], geometry.padding[1], cols, self.crop_size, side)
+        (resized_h, resized_w), (top, left) = geometry.resized_size, geometry.padding
+        share_y = _axis_shares(height, resized_h, top, rows, self.crop_size, side)
+        share_x = _axis_shares(width, resized_w, left, cols, self.crop_size, side)
         # Tile (r, c) and thumbnail patch (a, b): the rectangle's share is the product of the
         # row band's and the column band's shares.
         shares = share_y[:, None, :, None] * share_x[None, :, None, :]  # [rows, cols, side, side]

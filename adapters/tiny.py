@@ -260,7 +260,8 @@ def save_tiny(model: Any, processor: Any, path: str | os.PathLike[str]) -> None:
 def _check_geometry(crop_size: int, patch_size: int, grids: Sequence[tuple[int, int]]) -> None:
     from tokenprune import ConfigError
 
-    if not (isinstance(crop_size, int) and isinstance(patch_size, int) and 0 < patch_size <= crop_size):
+    sizes_are_ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (crop_size, patch_size))
+    if not (sizes_are_ints and 0 < patch_size <= crop_size):
         raise ConfigError(
             f"crop_size and patch_size must be ints with 0 < patch_size <= crop_size, "
             f"got crop_size={crop_size!r}, patch_size={patch_size!r}"
