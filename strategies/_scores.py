@@ -42,6 +42,16 @@ def topk_per_partition(
     if scores.shape != valid.shape:
         raise ContractError(f"{what} have shape {tuple(scores.shape)}, valid mask {tuple(valid.shape)}")
     finite_or_raise(scores, what)
+    if (
+        not isinstance(budgets, torch.Tensor)
+        or tuple(budgets.shape) != (scores.shape[0],)
+        or budgets.dtype.is_floating_point
+        or budgets.dtype == torch.bool
+        or bool((budgets < 0).any())
+    ):
+        raise ContractError(
+            f"budgets must be non-negative integers of shape [{scores.shape[0]}], got {budgets!r}"
+        )
     valid = valid.to(scores.device)
     budgets = budgets.to(scores.device)
     if bool((budgets > valid.sum(dim=1)).any()):

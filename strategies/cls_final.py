@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from tokenprune.strategies._scores import reduce_heads, topk_per_partition
 
 from tokenprune import Layout, Needs, Selection, Selector, Signals, register_selector
-from tokenprune.strategies._scores import reduce_heads, topk_per_partition
 
 __all__ = ["ClsFinal"]
 

@@ -6,9 +6,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-
-from tokenprune import ConfigError, Layout, Needs, Selection, Selector, Signals, register_preset, register_selector
 from tokenprune.strategies._scores import topk_per_partition
+
+from tokenprune import (
+    ConfigError,
+    Layout,
+    Needs,
+    Selection,
+    Selector,
+    Signals,
+    register_preset,
+    register_selector,
+)
 
 __all__ = ["HeroSelector"]
 
@@ -115,12 +124,11 @@ register_preset(
     "selector",
     "hero@reference",
     {"double_softmax": True},
-    doc="""HERO's token selection as the released code computes it (second softmax per head).
+    doc="""HERO's token selection as the released code computes it (Lxxx-0327/HERO), second softmax included.
 
-    double_softmax=True: each head's CLS->patch row (already a softmax) goes through a
-    second softmax over all N patch columns, padding included, before heads and blocks
-    are averaged; this can reorder tokens (see the hero selector's docstring).
-    Layers as released: high_layers=(-3,) (block 21 of 24), low_layers=(5, 6, 7, 8).
-    Not reproduced: fp16 ranking and torch.topk's unspecified order among ties; here
-    scores are float32 and ties go to the lower index.""",
+    Keeps: a second softmax over each head's CLS->patch row (all N columns, padding included) before heads are averaged.
+    Keeps: that softmax can reorder tokens (per-head 1/Z_h weights, convex in the attention), not only break ties.
+    Keeps: thumbnail scored by block 21 of 24 (high_layers=(-3,)), tiles by blocks 5-8 (low_layers=(5, 6, 7, 8)).
+    Differs: float32 scores, ties to the lower index (released: fp16 scores, torch.topk's unspecified tie order).
+    Differs: the thumbnail is ranked among its valid tokens only (LLaVA-NeXT's thumbnail has none padded).""",
 )

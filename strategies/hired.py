@@ -22,7 +22,7 @@ from tokenprune.budget import Rounding
 
 from ._scores import reduce_heads
 
-__all__ = ["HiredAllocator", "split_thumbnail_tiles", "band_regions", "Overflow"]
+__all__ = ["HiredAllocator", "Overflow", "band_regions", "split_thumbnail_tiles"]
 
 #: What happens to tokens a partition cannot hold: handed to the others ("redistribute",
 #: water-filling) or dropped after clamping at capacity ("discard", the released code).
@@ -155,7 +155,7 @@ class HiredAllocator(BudgetAllocator):
     # ------------------------------------------------------------------ weights
     def tile_weights(self, layout: Layout, signals: Signals) -> torch.Tensor:
         """Visual content score of each tile, float64 ``[K]`` (needs a thumbnail)."""
-        scores = reduce_heads(signals.attention(self.init_layer)[0], "sum")  # [N]
+        scores = reduce_heads(signals.attention(self.init_layer)[:1], "sum")[0]  # thumbnail, [N]
         valid = layout.valid[0].to(scores.device)
         tokens = layout.tokens_per_partition
         if self.aggregation == "count":

@@ -126,47 +126,67 @@ def quota(
 # --------------------------------------------------------------------------- apportion
 
 
-def _crossing_times(weights: list[float], caps: list[int], held: int) -> tuple[list[list[float]], list[list[Fraction | float]]]:
-    """For every partition ``i`` and seat ``k = 0..cap_i``: the total ``H_i(k)`` at which
-    ``q_i`` reaches ``k``. Floats, with exact Fractions where a float sits near an integer
-    (floor/ceil there must be exact)."""
+def _integer_weights(weights: list[float], bound: int) -> list[int] | None:
+    """The weights scaled by one common power of two to exact integers, or ``None`` when
+    that would overflow int64 arithmetic on totals up to ``bound``."""
+    ratios = [w.as_integer_ratio() for w in weights]
+    scale = max(den for _, den in ratios)  # denominators of floats are powers of two
+    scaled = [num * (scale // den) for num, den in ratios]
+    if max(scaled, default=0) * (bound + 1) * max(len(scaled), 1) >= 2**62:
+        return None
+    return scaled
+
+
+def _seat_schedule(weights: list[float], caps: list[int], held: int, target: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """For each partition ``i`` and seat ``k = 1..cap_i``: the total at which ``q_i`` first
+    exceeds ``k - 1`` (release) and first reaches ``k`` (due), and ``H_i(k)`` itself.
+
+    ``H_i(k) = sum_j min(c_j, k * w_j / w_i)`` over positive weights (``held`` plus an
+    equal fill for zero weights). Computed in exact int64 arithmetic whenever the weights
+    scale to integers that fit; otherwise in float64, with exact Fractions at the rare
+    totals that sit within rounding error of an integer.
+    """
     size = len(weights)
-    w = torch.tensor(weights, dtype=torch.float64)
-    c = torch.tensor(caps, dtype=torch.float64)
-    positive = (w > 0) & (c > 0)
-    times: list[list[float]] = []
-    exact: list[list[Fraction | float]] = []
+    positive = [weights[i] > 0 and caps[i] > 0 for i in range(size)]
+    zero = [weights[i] == 0 and caps[i] > 0 for i in range(size)]
+    pos_mask = torch.tensor(positive)
+    zero_caps = torch.tensor([caps[j] for j in range(size) if zero[j]], dtype=torch.int64)
+    c = torch.tensor(caps, dtype=torch.int64)
+    integer = _integer_weights(weights, max(caps, default=0) + sum(caps))
+    out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for i in range(size):
         if caps[i] == 0:
-            times.append([0.0])
-            exact.append([0.0])
+            empty = torch.empty(0, dtype=torch.int64)
+            out.append((empty, empty, empty.double()))
             continue
-        k = torch.arange(caps[i] + 1, dtype=torch.float64)
-        if positive[i]:
-            scale = k[:, None] * (w[None, :] / w[i])  # lambda * w_j at the moment q_i = k
-            level = torch.minimum(c[None, :], scale) * positive[None, :]
-            h = level.sum(dim=1)
+        k = torch.arange(caps[i] + 1, dtype=torch.int64)
+        if not positive[i]:
+            h = held + torch.minimum(zero_caps[None, :], k[:, None]).sum(dim=1)
+            floor_h, ceil_h, when = h, h, h.double()
+        elif integer is not None:
+            w = torch.tensor(integer, dtype=torch.int64)
+            scaled = torch.minimum(c[None, :] * w[i], k[:, None] * w[None, :]) * pos_mask[None, :]
+            numerator = scaled.sum(dim=1)  # = w_i * H_i(k), exactly
+            floor_h = torch.div(numerator, w[i], rounding_mode="floor")
+            ceil_h = -torch.div(-numerator, w[i], rounding_mode="floor")
+            when = numerator.double() / float(w[i])
         else:
-            zero = (~positive) & (c > 0)
-            h = held + (torch.minimum(c[None, :], k[:, None]) * zero[None, :]).sum(dim=1)
-        values = h.tolist()
-        near = (h - h.round()).abs() <= 1e-7 * h.clamp(min=1.0)
-        fixed: list[Fraction | float] = list(values)
-        if bool(near.any()):
-            fw = [Fraction(x) for x in weights]
-            for idx in torch.nonzero(near).flatten().tolist():
-                if positive[i]:
-                    fixed[idx] = sum(
-                        (min(Fraction(caps[j]), idx * fw[j] / fw[i]) for j in range(size) if positive[j]),
+            w = torch.tensor(weights, dtype=torch.float64)
+            level = torch.minimum(c[None, :].double(), k[:, None].double() * (w[None, :] / w[i]))
+            when = (level * pos_mask[None, :]).sum(dim=1)
+            floor_h, ceil_h = torch.floor(when).long(), torch.ceil(when).long()
+            near = (when - when.round()).abs() <= 1e-7 * when.clamp(min=1.0)
+            near &= when <= target + 1  # later seats are never released: no need to be exact
+            if bool(near.any()):
+                fractions = [Fraction(x) for x in weights]
+                for seat in torch.nonzero(near).flatten().tolist():
+                    exact = sum(
+                        (min(Fraction(caps[j]), seat * fractions[j] / fractions[i]) for j in range(size) if positive[j]),
                         Fraction(0),
                     )
-                else:
-                    fixed[idx] = held + sum(
-                        min(caps[j], idx) for j in range(size) if not positive[j] and caps[j] > 0
-                    )
-        times.append(values)
-        exact.append(fixed)
-    return times, exact
+                    floor_h[seat], ceil_h[seat] = math.floor(exact), math.ceil(exact)
+        out.append((floor_h[:-1] + 1, ceil_h[1:], when[1:]))
+    return out
 
 
 def apportion(
@@ -202,15 +222,10 @@ def apportion(
     if target == sum(caps):  # everything fits: no choice to make
         return torch.tensor(caps, dtype=torch.int64, device=device)
     held = sum(caps[i] for i in range(size) if w[i] > 0 and caps[i] > 0)
-    times, exact = _crossing_times(w, caps, held)
-    # Seat k of partition i: released at floor(H_i(k-1)) + 1, due at ceil(H_i(k)).
     seats: list[tuple[int, int, float, int]] = []
-    for i in range(size):
-        for k in range(1, caps[i] + 1):
-            release = math.floor(exact[i][k - 1]) + 1
-            if release > target:
-                break
-            seats.append((release, math.ceil(exact[i][k]), times[i][k], i))
+    for i, (release, due, when) in enumerate(_seat_schedule(w, caps, held, target)):
+        wanted = release <= target  # seats released after the target are never handed out
+        seats.extend(zip(release[wanted].tolist(), due[wanted].tolist(), when[wanted].tolist(), [i] * int(wanted.sum())))
     seats.sort()
     shares = [0] * size
     ready: list[tuple[int, float, int]] = []
