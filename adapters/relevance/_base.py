@@ -42,15 +42,21 @@ OPENAI_CLIP_STD: Final = (0.26862954, 0.26130258, 0.27577711)
 _NORM_TOLERANCE = 1e-6
 
 
-def _channel_stats(values: Sequence[float] | torch.Tensor, what: str, *, positive: bool) -> tuple[float, ...]:
+def _channel_stats(
+    values: Sequence[float] | torch.Tensor, what: str, *, positive: bool
+) -> tuple[float, ...]:
     if isinstance(values, torch.Tensor):
         values = values.detach().flatten().tolist()
     try:
         stats = tuple(float(v) for v in values)
     except (TypeError, ValueError):
-        raise ConfigError(f"{what} must be a sequence of floats, one per channel; got {values!r}") from None
+        raise ConfigError(
+            f"{what} must be a sequence of floats, one per channel; got {values!r}"
+        ) from None
     if not stats or not all(math.isfinite(v) for v in stats):
-        raise ConfigError(f"{what} must be finite floats, one per channel; got {stats!r}")
+        raise ConfigError(
+            f"{what} must be finite floats, one per channel; got {stats!r}"
+        )
     if positive and min(stats) <= 0:
         raise ConfigError(f"{what} must be > 0 in every channel; got {stats!r}")
     return stats
@@ -64,7 +70,9 @@ def _per_channel(stats: Sequence[float], channels: int, what: str) -> torch.Tens
     if len(stats) == 1:
         stats = tuple(stats) * channels
     if len(stats) != channels:
-        raise ContractError(f"{what} has {len(stats)} values but pixel_values has {channels} channels")
+        raise ContractError(
+            f"{what} has {len(stats)} values but pixel_values has {channels} channels"
+        )
     return torch.tensor(stats, dtype=torch.float32).view(1, channels, 1, 1)
 
 
@@ -92,15 +100,20 @@ def renormalize(
     if not resize and _same_stats(from_mean, to_mean) and _same_stats(from_std, to_std):
         return pixels
     device = pixels.device
-    raw = pixels * _per_channel(from_std, channels, "pixel_std").to(device) + _per_channel(
-        from_mean, channels, "pixel_mean"
-    ).to(device)
+    raw = pixels * _per_channel(from_std, channels, "pixel_std").to(
+        device
+    ) + _per_channel(from_mean, channels, "pixel_mean").to(device)
     if resize:
         assert size is not None
         target_h, target_w = size
         scale = max(target_h / height, target_w / width)
-        scaled = (max(target_h, round(height * scale)), max(target_w, round(width * scale)))
-        raw = F.interpolate(raw, size=scaled, mode="bicubic", align_corners=False, antialias=True)
+        scaled = (
+            max(target_h, round(height * scale)),
+            max(target_w, round(width * scale)),
+        )
+        raw = F.interpolate(
+            raw, size=scaled, mode="bicubic", align_corners=False, antialias=True
+        )
         top, left = (scaled[0] - target_h) // 2, (scaled[1] - target_w) // 2
         raw = raw[..., top : top + target_h, left : left + target_w].clamp(0.0, 1.0)
     to_mean_t = _per_channel(to_mean, channels, "scorer image_mean").to(device)
@@ -127,11 +140,17 @@ def _check_prompt(prompt: object) -> str:
 
 def _check_pixels(pixel_values: object) -> torch.Tensor:
     if not isinstance(pixel_values, torch.Tensor):
-        raise ContractError(f"pixel_values must be a torch.Tensor [P, C, H, W], got {type(pixel_values).__name__}")
+        raise ContractError(
+            f"pixel_values must be a torch.Tensor [P, C, H, W], got {type(pixel_values).__name__}"
+        )
     if pixel_values.dim() != 4:
-        raise ContractError(f"pixel_values must be [P, C, H, W], got shape {tuple(pixel_values.shape)}")
+        raise ContractError(
+            f"pixel_values must be [P, C, H, W], got shape {tuple(pixel_values.shape)}"
+        )
     if not pixel_values.is_floating_point():
-        raise ContractError(f"pixel_values must be floating (processor-normalised), got {pixel_values.dtype}")
+        raise ContractError(
+            f"pixel_values must be floating (processor-normalised), got {pixel_values.dtype}"
+        )
     if pixel_values.numel() and not bool(torch.isfinite(pixel_values).all()):
         raise SignalError("pixel_values hold NaN/inf; pixels must be finite")
     return pixel_values
@@ -222,12 +241,20 @@ class ClipRelevanceScorer(RelevanceScorer):
                 f"image_mean and image_std must have one value per channel each; got "
                 f"{len(self.image_mean)} and {len(self.image_std)}"
             )
-        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        size = (
+            (image_size, image_size)
+            if isinstance(image_size, int)
+            else tuple(image_size)
+        )
         if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
-            raise ConfigError(f"image_size must be a positive int or (height, width), got {image_size!r}")
+            raise ConfigError(
+                f"image_size must be a positive int or (height, width), got {image_size!r}"
+            )
         self.image_size: tuple[int, int] = (int(size[0]), int(size[1]))
         if not isinstance(context_length, int) or context_length < 2:
-            raise ConfigError(f"context_length must be an int >= 2, got {context_length!r}")
+            raise ConfigError(
+                f"context_length must be an int >= 2, got {context_length!r}"
+            )
         self.context_length = context_length
         self.last_path = None
         self.last_reason = None
@@ -279,14 +306,26 @@ class ClipRelevanceScorer(RelevanceScorer):
 
     @torch.no_grad()
     def embed_partitions(
-        self, pixel_values: torch.Tensor, *, pixel_mean: Sequence[float], pixel_std: Sequence[float]
+        self,
+        pixel_values: torch.Tensor,
+        *,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
     ) -> torch.Tensor:
         """Unit-norm image embeddings ``[P, E]`` float32 by the scorer's own encoder."""
-        pixels = self.prepare_pixels(pixel_values, pixel_mean=pixel_mean, pixel_std=pixel_std)
-        return F.normalize(self._encode_images(pixels.to(self.device, self.dtype)).float(), dim=-1)
+        pixels = self.prepare_pixels(
+            pixel_values, pixel_mean=pixel_mean, pixel_std=pixel_std
+        )
+        return F.normalize(
+            self._encode_images(pixels.to(self.device, self.dtype)).float(), dim=-1
+        )
 
     def prepare_pixels(
-        self, pixel_values: torch.Tensor, *, pixel_mean: Sequence[float], pixel_std: Sequence[float]
+        self,
+        pixel_values: torch.Tensor,
+        *,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
     ) -> torch.Tensor:
         """The VLM's pixels as the scorer expects them (its statistics and size), float32."""
         pixels = _check_pixels(pixel_values)
@@ -305,7 +344,9 @@ class ClipRelevanceScorer(RelevanceScorer):
         reason = self._own_trunk()
         if isinstance(reason, str):
             raise ContractError(f"this scorer cannot embed a CLS state: {reason}")
-        return F.normalize(self._project_cls(tower_cls.to(self.device, self.dtype)).float(), dim=-1)
+        return F.normalize(
+            self._project_cls(tower_cls.to(self.device, self.dtype)).float(), dim=-1
+        )
 
     def match_tower(self, tower: nn.Module) -> TrunkMatch:
         """Whether ``tower`` computes the scorer's raw CLS (cached per tower)."""
@@ -346,48 +387,71 @@ class ClipRelevanceScorer(RelevanceScorer):
         text = self.embed_prompt(prompt)
         count = int(pixels.shape[0])
         if tower_cls is not None:
-            if not isinstance(tower_cls, torch.Tensor) or tower_cls.dim() != 2 or int(tower_cls.shape[0]) != count:
-                shape = tuple(tower_cls.shape) if isinstance(tower_cls, torch.Tensor) else type(tower_cls).__name__
-                raise ContractError(f"tower_cls must be [P, D] with P = {count} partitions, got {shape}")
+            if (
+                not isinstance(tower_cls, torch.Tensor)
+                or tower_cls.dim() != 2
+                or int(tower_cls.shape[0]) != count
+            ):
+                shape = (
+                    tuple(tower_cls.shape)
+                    if isinstance(tower_cls, torch.Tensor)
+                    else type(tower_cls).__name__
+                )
+                raise ContractError(
+                    f"tower_cls must be [P, D] with P = {count} partitions, got {shape}"
+                )
             if not bool(torch.isfinite(tower_cls).all()):
-                raise SignalError("tower_cls holds NaN/inf; the tower's CLS states must be finite")
-        blocker = self._fast_path_blocker(pixels, pixel_mean, pixel_std, tower, tower_cls)
-        if blocker is None:
+                raise SignalError(
+                    "tower_cls holds NaN/inf; the tower's CLS states must be finite"
+                )
+        path, reason = self.choose_path(
+            pixels,
+            pixel_mean=pixel_mean,
+            pixel_std=pixel_std,
+            tower=tower,
+            tower_cls=tower_cls,
+        )
+        if path == REUSED_TOWER_CLS:
             assert tower_cls is not None
             images = self.embed_tower_cls(tower_cls)
-            self.last_path, self.last_reason = REUSED_TOWER_CLS, self._last_match_reason
         else:
-            images = self.embed_partitions(pixels, pixel_mean=pixel_mean, pixel_std=pixel_std)
-            self.last_path, self.last_reason = SCORER_FORWARD, blocker
+            images = self.embed_partitions(
+                pixels, pixel_mean=pixel_mean, pixel_std=pixel_std
+            )
+        self.last_path, self.last_reason = path, reason
         return (images @ text).to(pixels.device)
 
-    def _fast_path_blocker(
+    def choose_path(
         self,
-        pixels: torch.Tensor,
+        pixel_values: torch.Tensor,
+        *,
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
         tower: nn.Module | None,
         tower_cls: torch.Tensor | None,
-    ) -> str | None:
-        """``None`` when the tower's CLS may be reused, else why not."""
+    ) -> tuple[RelevancePath, str]:
+        """The path :meth:`score` takes for these inputs, and why."""
         if tower is None:
-            return "no tower given"
+            return SCORER_FORWARD, "no tower given"
         if tower_cls is None:
-            return "no tower_cls given (ask the tap for needs_for(tower))"
-        size = (int(pixels.shape[-2]), int(pixels.shape[-1]))
+            return (
+                SCORER_FORWARD,
+                "no tower_cls given (ask the tap for needs_for(tower))",
+            )
+        size = (int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
         if size != self.image_size:
-            return f"the tower saw {size[0]}x{size[1]} pixels, the scorer takes {self.image_size[0]}x{self.image_size[1]}"
+            return SCORER_FORWARD, (
+                f"the tower saw {size[0]}x{size[1]} pixels, the scorer takes "
+                f"{self.image_size[0]}x{self.image_size[1]}"
+            )
         mean = _channel_stats(pixel_mean, "pixel_mean", positive=False)
         std = _channel_stats(pixel_std, "pixel_std", positive=True)
-        if not (_same_stats(mean, self.image_mean) and _same_stats(std, self.image_std)):
-            return (
+        if not (
+            _same_stats(mean, self.image_mean) and _same_stats(std, self.image_std)
+        ):
+            return SCORER_FORWARD, (
                 f"the tower's pixels are normalised with mean {mean} / std {std}, the scorer's "
                 f"with {self.image_mean} / {self.image_std}"
             )
         match = self.match_tower(tower)
-        if not match:
-            return match.reason
-        self._last_match_reason = match.reason
-        return None
-
-    _last_match_reason: str = ""
+        return (REUSED_TOWER_CLS if match else SCORER_FORWARD), match.reason

@@ -61,8 +61,14 @@ class Trunk:
 
     def tensors(self) -> list[tuple[str, torch.Tensor]]:
         """Named parameters then buffers of the trunk (head excluded)."""
-        named = [(n, p) for n, p in self.module.named_parameters() if not self._in_head(n)]
-        named += [(f"buffer:{n}", b) for n, b in self.module.named_buffers() if not self._in_head(n)]
+        named = [
+            (n, p) for n, p in self.module.named_parameters() if not self._in_head(n)
+        ]
+        named += [
+            (f"buffer:{n}", b)
+            for n, b in self.module.named_buffers()
+            if not self._in_head(n)
+        ]
         return named
 
     def architecture(self) -> list[tuple[str, str, tuple[tuple[str, object], ...]]]:
@@ -75,7 +81,9 @@ class Trunk:
                 sorted(
                     (key, value)
                     for key, value in vars(sub).items()
-                    if not key.startswith("_") and key not in _IGNORED_SETTINGS and _plain(value)
+                    if not key.startswith("_")
+                    and key not in _IGNORED_SETTINGS
+                    and _plain(value)
                 )
             )
             described.append((name, type(sub).__qualname__, settings))
@@ -104,11 +112,17 @@ def _first_architecture_difference(scorer: Trunk, tower: Trunk) -> str | None:
             if a[0] != b[0] or a[1] != b[1]:
                 return f"submodule {a[0]!r} ({a[1]}) vs {b[0]!r} ({b[1]})"
             ours_set, theirs_set = dict(a[2]), dict(b[2])
-            keys = sorted(k for k in ours_set.keys() | theirs_set.keys() if ours_set.get(k) != theirs_set.get(k))
+            keys = sorted(
+                k
+                for k in ours_set.keys() | theirs_set.keys()
+                if ours_set.get(k) != theirs_set.get(k)
+            )
             key = keys[0]
             return f"{a[0]}.{key} is {ours_set.get(key)!r} in the scorer, {theirs_set.get(key)!r} in the tower"
     if len(ours) != len(theirs):
-        return f"the scorer's trunk has {len(ours)} submodules, the tower's {len(theirs)}"
+        return (
+            f"the scorer's trunk has {len(ours)} submodules, the tower's {len(theirs)}"
+        )
     return None
 
 
@@ -129,7 +143,9 @@ def compare_trunks(scorer: Trunk, tower: Trunk) -> TrunkMatch:
                 f"{tuple(b.shape)} {b.dtype} on {b.device} in the tower",
             )
     if all(a.data_ptr() == b.data_ptr() for (_, a), (_, b) in zip(ours, theirs)):
-        return TrunkMatch(True, "the tower and the scorer share their image-encoder tensors")
+        return TrunkMatch(
+            True, "the tower and the scorer share their image-encoder tensors"
+        )
     with torch.no_grad():
         for (name, a), (_, b) in zip(ours, theirs):
             if a.data_ptr() != b.data_ptr() and not torch.equal(a, b):
@@ -146,9 +162,9 @@ class TrunkMatchCache:
     """
 
     def __init__(self) -> None:
-        self._entries: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[object, ...], TrunkMatch]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._entries: weakref.WeakKeyDictionary[
+            nn.Module, tuple[tuple[object, ...], TrunkMatch]
+        ] = weakref.WeakKeyDictionary()
         self.comparisons = 0  # full comparisons run (for tests and stats)
 
     def match(self, scorer: Trunk, tower: Trunk) -> TrunkMatch:
