@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     listing.add_argument("--pattern", default="*", help="shell-style wildcard, e.g. 'hired*'")
     listing.set_defaults(func=_cmd_list)
+
+    from tokenprune.adapters.sharegpt4v_convert import add_convert_parser
+
+    add_convert_parser(sub)
     return parser
 
 
