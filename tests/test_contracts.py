@@ -133,6 +133,10 @@ class TestSignals:
         with pytest.raises(tp.ContractError, match="signals have 3 partitions, the layout has 1"):
             signals.check_layout(tp.Layout.single(2))
 
+    def test_layer_signals_must_be_mappings(self):
+        with pytest.raises(tp.ContractError, match=r"Signals.keys must be a \{layer: tensor\} mapping, got Tensor"):
+            tp.Signals(keys=torch.rand(1, 4, 2))
+
     def test_signals_are_read_only(self):
         signals = tp.Signals(cls_attention={0: torch.rand(1, 1, 4)})
         with pytest.raises(TypeError):

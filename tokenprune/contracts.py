@@ -310,8 +310,14 @@ class Needs:
 # --------------------------------------------------------------------------- Signals
 
 
-def _frozen_layers(mapping: Mapping[int, torch.Tensor] | None) -> Mapping[int, torch.Tensor]:
-    return MappingProxyType(dict(mapping or {}))
+def _frozen_layers(mapping: Mapping[int, torch.Tensor] | None, name: str) -> Mapping[int, torch.Tensor]:
+    if mapping is None:
+        return MappingProxyType({})
+    if not isinstance(mapping, Mapping):
+        raise ContractError(
+            f"Signals.{name} must be a {{layer: tensor}} mapping, got {type(mapping).__name__}"
+        )
+    return MappingProxyType(dict(mapping))
 
 
 @dataclass(frozen=True, eq=False)
@@ -343,7 +349,7 @@ class Signals:
         if self.num_layers is not None:
             _check_int(self.num_layers, "Signals.num_layers", minimum=1)
         for name in ("cls_attention", "wide_cls_attention", "cls_embedding", "keys"):
-            object.__setattr__(self, name, _frozen_layers(getattr(self, name)))
+            object.__setattr__(self, name, _frozen_layers(getattr(self, name), name))
         p: int | None = None
         n: int | None = None
 
