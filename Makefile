@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.tokenprune-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-long bench clean
+.PHONY: setup demo test test-long bench clean
 
 setup: $(STAMP)
 
@@ -16,7 +16,11 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
 	@$(BIN)/python -c "import sys, torch; v = torch.__version__.split('+')[0]; sys.exit(0 if v == '2.13.0' else f'torch {torch.__version__} got installed; constraints.txt pins 2.13.0')"
+	$(BIN)/tokenprune compat install
 	@touch $@
+
+demo: $(STAMP)
+	$(BIN)/tokenprune run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

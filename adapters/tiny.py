@@ -4,7 +4,9 @@ Everything here is built locally from small configs (no download, no weights fil
 CLIP vision tower with a CLS token, a two-block Llama, a byte-level tokenizer with the
 ``<image>`` special token, and the family's own Hugging Face image processor. The objects
 are the genuine ``transformers`` classes, so adapters, taps and partitioners are tested
-against the code paths that run the real checkpoints, only smaller.
+against the code paths that run the real checkpoints, only smaller. The vision tower is
+narrow (width 32) but as deep as CLIP ViT-L (24 blocks), so every strategy's default
+layers (HiRED's blocks 0 and 22, HERO's 5-8 and 21, LLaVA's feature layer -2) exist.
 
 The default geometry is deliberately not a power of two: crops of 56 px, patches of 8 px,
 so a 7 x 7 token grid (odd, like nothing a lucky symmetric rounding could hide), and
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
+    "TINY_VISION_LAYERS",
     "TINY_CROP_SIZE",
     "TINY_PATCH_SIZE",
     "TINY_GRIDS",
@@ -43,6 +46,8 @@ __all__ = [
     "save_tiny",
 ]
 
+#: Blocks of the tiny vision tower: CLIP ViT-L's depth, so default layer numbers apply.
+TINY_VISION_LAYERS = 24
 #: Side of the square crop the tiny vision tower sees, in pixels.
 TINY_CROP_SIZE = 56
 #: Side of one vision patch, in pixels: ``56 // 8 = 7`` tokens per side.
@@ -116,7 +121,7 @@ def _vision_config(transformers: Any, image_size: int, patch_size: int) -> Any:
     return transformers.CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=3,
+        num_hidden_layers=TINY_VISION_LAYERS,
         num_attention_heads=4,
         image_size=image_size,
         patch_size=patch_size,

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import sysconfig
 import textwrap
 
 import pytest
 
 
+PURELIB = sysconfig.get_paths()["purelib"]
+
+
 def run_python(code: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300
-    )
+    return run_python_raw(["-c", textwrap.dedent(code)])
+
+
+def run_python_raw(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
 
 
 def ops_load_here() -> bool:
@@ -61,8 +67,27 @@ def test_without_the_shim_the_import_fails_here():
     """Documents why the shim exists (only where torchvision's ops really fail to load)."""
     if ops_load_here():
         pytest.skip("torchvision works on this machine")
-    result = run_python("import torchvision")
+    # -S: no site processing, so no .pth start-up hook either; site-packages added by hand
+    result = run_python_raw(["-S", "-c", f"import sys; sys.path.append({PURELIB!r}); import torchvision"])
     assert result.returncode != 0 and "torchvision::nms" in result.stderr
+
+
+def test_startup_hook_lets_timm_import_before_tokenprune(tmp_path, monkeypatch):
+    from tokenprune import compat
+
+    target = tmp_path / "tokenprune-torchvision.pth"
+    monkeypatch.setattr(compat, "hook_path", lambda: target)
+    assert compat.install_hook(force=True) == target
+    line = target.read_text()
+    assert line.startswith("import os;") and "_torchvision_hook.py" in line
+    # a fresh interpreter without site processing that runs the .pth line, then imports timm
+    code = f"import sys; sys.path.append({PURELIB!r}); exec(open({str(target)!r}).read()); import timm; print('ok', 'tokenprune' in sys.modules)"
+    result = run_python_raw(["-S", "-c", code])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["ok", "True"]
+    quiet = run_python_raw(["-S", "-c", f"exec(open({str(target)!r}).read()); import sys; print('torch' in sys.modules)"])
+    assert quiet.stdout.strip() == "False"  # the hook costs nothing until torchvision is imported
+    assert compat.uninstall_hook() and not target.exists() and not compat.uninstall_hook()
 
 
 def test_does_nothing_when_the_extension_loads():

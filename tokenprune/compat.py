@@ -11,6 +11,13 @@ kernel that raises a clear error if anyone actually calls them), so that torchvi
 pure-Python parts import. It does nothing when torchvision is absent, already imported,
 or when its C++ extension loads. tokenprune calls it on import, before any of those
 libraries is imported; call it yourself if you import them before tokenprune.
+
+Programs that import timm or transformers before tokenprune (``accelerate launch`` does,
+in its launcher) need the shim earlier: ``tokenprune compat install`` writes a
+one-line ``.pth`` file into this environment's site-packages that runs the shim right
+before the first ``import torchvision`` (and costs nothing otherwise). It is written only
+where torchvision's ops fail to load; ``tokenprune compat uninstall`` removes it.
+``make setup`` runs ``install``.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ensure_torchvision_importable", "torchvision_ops_available"]
+__all__ = ["ensure_torchvision_importable", "torchvision_ops_available", "install_hook", "uninstall_hook", "hook_path"]
 
 _PLACEHOLDER_OPS = ("nms", "qnms")
 _SCHEMA = "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
@@ -84,3 +91,39 @@ def torchvision_ops_available() -> bool:
     """Whether torchvision's compiled ops loaded (``False`` also when torchvision is absent)."""
     ensure_torchvision_importable()
     return bool(_ops_available)
+
+
+# --------------------------------------------------------------------------- .pth hook
+
+_PTH_NAME = "tokenprune-torchvision.pth"
+
+
+def hook_path() -> Path:
+    """Where :func:`install_hook` writes its ``.pth`` line (this environment's purelib)."""
+    import sysconfig
+
+    return Path(sysconfig.get_paths()["purelib"]) / _PTH_NAME
+
+
+def install_hook(*, force: bool = False) -> Path | None:
+    """Write the ``.pth`` start-up hook if torchvision's ops fail to load here (or ``force``).
+
+    Returns the written path, or ``None`` when nothing was needed.
+    """
+    spec = importlib.util.find_spec("torchvision")
+    if not force and (spec is None or spec.origin is None or _load_extension(Path(spec.origin).parent)):
+        return None
+    hook = Path(__file__).with_name("_torchvision_hook.py").resolve()
+    line = f"import os; p = {str(hook)!r}; os.path.exists(p) and exec(open(p).read())\n"
+    path = hook_path()
+    path.write_text(line, encoding="utf-8")
+    return path
+
+
+def uninstall_hook() -> bool:
+    """Remove the ``.pth`` start-up hook; ``True`` if there was one."""
+    path = hook_path()
+    if path.exists():
+        path.unlink()
+        return True
+    return False

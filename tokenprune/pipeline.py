@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -251,14 +252,60 @@ class Pipeline:
                 f"{rule} its budgets {wanted.tolist()}"
             )
 
+    # ------------------------------------------------------------------ models
+    def _model_adapter(self, method: str) -> Any:
+        adapter = self.adapter
+        if adapter is None or not hasattr(adapter, method):
+            have = "no adapter" if adapter is None else f"adapter {self._part_label('adapter')}"
+            raise ConfigError(
+                f"Pipeline.{method} needs a VLM adapter (e.g. adapter='llava_next', 'llava' or "
+                f"'sharegpt4v'); this pipeline has {have}"
+            )
+        return adapter
+
+    def prepare(self, model: Any, processor: Any, *, images: Any, text: Any, **tokenizer_kwargs: Any) -> dict[str, Any]:
+        """Prune ``images`` and return kwargs for the unmodified ``model.generate``.
+
+        Runs the vision tower once with the attention tap, allocates, selects, projects the
+        kept features, and tokenizes ``text`` with exactly ``K`` image placeholders per
+        image (left padding). Per-image stats land in :attr:`last_stats`.
+        """
+        return self._model_adapter("prepare").prepare(self, model, processor, images, text, **tokenizer_kwargs)
+
+    def attach(self, model: Any, processor: Any) -> AbstractContextManager[None]:
+        """Context manager: the processor and model prune on their own while inside.
+
+        For code that calls the processor and ``model.generate`` itself (evaluation
+        harnesses). Per-instance, removable, signature-preserving wrappers; leaving the
+        context restores both exactly. Needs a fixed per-image token count.
+        """
+        return self._model_adapter("attach").attach(self, model, processor)
+
+    @property
+    def last_stats(self) -> list[Any]:
+        """Per-image stats of the last :meth:`prepare` (or attached forward)."""
+        return [image.stats for image in self.last_images]
+
+    @property
+    def last_images(self) -> list[Any]:
+        """Per image of the last :meth:`prepare` (or attached forward): its layout,
+        selection, LLM-space embeddings and stats."""
+        return list(self.__dict__.get("_last_images", []))
+
+    def _record(self, images: Sequence[Any]) -> None:
+        self.__dict__["_last_images"] = list(images)
+
     # ------------------------------------------------------------------ towers
-    def prune(self, tower: Any, pixel_values: torch.Tensor, layouts: Sequence[Layout] | None = None) -> list[Any]:
+    def prune(
+        self, tower: Any, pixel_values: torch.Tensor, layouts: Sequence[Layout] | None = None, **kwargs: Any
+    ) -> list[Any]:
         """Prune a bare vision tower's output (adapter ``vision_tower``).
 
         Runs ``tower`` once on ``pixel_values`` with the attention tap, then allocates and
         selects per image. By default each item of ``pixel_values`` is one image of one
         partition; pass ``layouts`` for multi-crop images (their partitions consume
-        consecutive crops). Returns, per image, the kept features, their indices and stats.
+        consecutive crops). Extra keyword arguments (``relevance=``, ``prompt=``) go to the
+        adapter. Returns, per image, the kept features, their indices and stats.
         """
         prune = getattr(self.adapter, "prune", None)
         if prune is None:
@@ -267,7 +314,7 @@ class Pipeline:
                 f"Pipeline.prune needs an adapter that prunes bare towers, e.g. adapter='vision_tower'; "
                 f"this pipeline has {have}"
             )
-        return prune(self, tower, pixel_values, layouts)
+        return prune(self, tower, pixel_values, layouts, **kwargs)
 
     # ------------------------------------------------------------------ config
     def _part_label(self, part: str) -> str:

@@ -24,7 +24,7 @@ from torch import nn
 
 from tokenprune.errors import IncompatibleError
 
-from ._common import CaptureBusyError, HookTap, TapRecord, check_needs
+from ._common import CaptureBusyError, HookTap, TapRecord, check_needs, resolve_feature_layer
 from .open_clip_vit import OpenClipVitTap
 from .timm_vit import TimmVitTap
 from .transformers_clip import TransformersVisionTap
@@ -37,6 +37,7 @@ __all__ = [
     "TimmVitTap",
     "TransformersVisionTap",
     "check_needs",
+    "resolve_feature_layer",
     "supported_towers",
     "tap_for",
 ]

@@ -33,7 +33,15 @@ from torch.utils.hooks import RemovableHandle
 from tokenprune.contracts import AttentionTap, Needs, Signals
 from tokenprune.errors import ContractError, IncompatibleError, SignalError, TokenpruneError
 
-__all__ = ["CaptureBusyError", "HookTap", "TapRecord", "check_needs", "QueryHook", "KeyHook"]
+__all__ = [
+    "CaptureBusyError",
+    "HookTap",
+    "KeyHook",
+    "QueryHook",
+    "TapRecord",
+    "check_needs",
+    "resolve_feature_layer",
+]
 
 #: Receives the CLS query of one forward, ``[B, H, head_dim]``.
 QueryHook = Callable[[torch.Tensor], None]
@@ -68,7 +76,8 @@ def check_needs(tap: AttentionTap, needs: Needs, strategy: str) -> Needs:
         ) from None
 
 
-def _resolve_feature_layer(feature_layer: int | None, num_layers: int, tower: str) -> int | None:
+def resolve_feature_layer(feature_layer: int | None, num_layers: int, tower: str) -> int | None:
+    """``feature_layer`` made non-negative; :class:`~tokenprune.IncompatibleError` if out of range."""
     if feature_layer is None:
         return None
     if not isinstance(feature_layer, int) or isinstance(feature_layer, bool):
@@ -374,8 +383,8 @@ class HookTap(AttentionTap):
                 needs (CLS signals on a tower without CLS, a layer out of range).
             CaptureBusyError: when this tower is already being captured.
         """
-        resolved = check_needs(self, needs, f"the requested needs ({needs.describe()})")
-        feature = _resolve_feature_layer(feature_layer, self.num_layers, self.tower_name)
+        resolved = check_needs(self, needs, f"tap.capture({needs.describe()})")
+        feature = resolve_feature_layer(feature_layer, self.num_layers, self.tower_name)
         record = TapRecord(resolved, feature, self.num_layers, self.tower_name)
         with _exclusive(self.core, self.tower_name):
             handles: list[RemovableHandle] = []

@@ -1,0 +1,513 @@
+"""What LLaVA-1.5, ShareGPT4V and LLaVA-NeXT adapters share: pruning through the model's
+own ``generate``, at any batch size, on unmodified transformers 5 models.
+
+Two ways in:
+
+* :meth:`LlavaFamilyAdapter.prepare` (``Pipeline.prepare``): runs the image processor, the
+  vision tower once with the attention tap, the allocator and the selector, projects the
+  kept features, and returns kwargs for ``model.generate``: ``input_ids`` with exactly
+  ``K`` image placeholders per image, ``attention_mask`` and ``mm_encoder_outputs`` (the
+  projected image embeddings transformers 5 accepts instead of pixels).
+* :meth:`LlavaFamilyAdapter.attach` (``Pipeline.attach``): for code that calls the
+  processor and ``generate`` itself. Per-instance, signature-preserving wrappers make the
+  processor emit ``K`` placeholders and the model's ``get_image_features`` return the
+  pruned embeddings; leaving the context restores both exactly. ``K`` must be known before
+  the model runs, so attach needs a fixed budget (exact allocator, non-adaptive selector,
+  no data-dependent newline tokens); anything else is an error that points to ``prepare``.
+
+transformers is imported lazily: importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from abc import abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tokenprune.contracts import Adapter, BudgetAllocator, Layout, Selection, Selector, Signals
+from tokenprune.errors import ConfigError, IncompatibleError, TokenpruneError
+
+if TYPE_CHECKING:
+    from tokenprune.pipeline import Pipeline
+
+__all__ = ["LlavaFamilyAdapter", "ImageTokens", "LlavaImageStats"]
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class LlavaImageStats:
+    """What the LLM sees of one image, next to what the stock model would feed it."""
+
+    image_size: tuple[int, int] | None
+    partitions: tuple[str, ...]
+    full_tokens: int
+    stock_image_tokens: int
+    budget: int
+    allocated: tuple[int, ...]
+    kept: tuple[int, ...]
+    newline_tokens: int
+    image_tokens: int
+    prefill_length: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "image_size": list(self.image_size) if self.image_size else None,
+            "partitions": list(self.partitions),
+            "full_tokens": self.full_tokens,
+            "stock_image_tokens": self.stock_image_tokens,
+            "budget": self.budget,
+            "allocated": list(self.allocated),
+            "kept": list(self.kept),
+            "kept_total": sum(self.kept),
+            "newline_tokens": self.newline_tokens,
+            "image_tokens": self.image_tokens,
+            "prefill_length": self.prefill_length,
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class ImageTokens:
+    """One image after pruning: the LLM-space embeddings, in order, and how they came about."""
+
+    embeddings: torch.Tensor
+    layout: Layout
+    selection: Selection
+    stats: LlavaImageStats
+
+
+@dataclass(frozen=True)
+class _Ordered:
+    """Kept vision-space tokens of one image in LLM order, and where newlines follow."""
+
+    tokens: torch.Tensor
+    newline_after: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+
+
+def _class_names(obj: object) -> list[str]:
+    return [cls.__name__ for cls in type(obj).__mro__]
+
+
+def _strip_image_tokens(text: str, image_token: str) -> str:
+    return " ".join(text.replace(image_token, " ").split())
+
+
+class LlavaFamilyAdapter(Adapter):
+    """Shared machinery; subclasses describe their processor geometry and token order."""
+
+    #: Processor classes this adapter accepts.
+    processor_classes: tuple[str, ...] = ()
+
+    # ------------------------------------------------------------------ family hooks
+    @abstractmethod
+    def _image_inputs(self, processor: Any, images: list[Any]) -> dict[str, Any]:
+        """Run the processor's image part: ``pixel_values`` and ``image_sizes`` at least."""
+
+    @abstractmethod
+    def _crops_and_layouts(
+        self, model: Any, processor: Any, pixel_values: torch.Tensor, image_sizes: Any
+    ) -> tuple[list[torch.Tensor], list[Layout], list[Any]]:
+        """Per image: its crops ``[P, 3, H, W]``, its Layout, and family geometry (or None)."""
+
+    @abstractmethod
+    def _order(self, layout: Layout, geometry: Any, selection: Selection, features: torch.Tensor) -> _Ordered:
+        """Kept tokens of one image (vision space) in the order the LLM reads them."""
+
+    @abstractmethod
+    def _stock_image_tokens(self, layout: Layout, geometry: Any) -> int:
+        """Image tokens the unpruned model would feed the LLM for this image."""
+
+    def _newline_embedding(self, model: Any) -> torch.Tensor | None:
+        return None
+
+    def fixed_image_tokens(self, pipeline: Pipeline, layout: Layout, geometry: Any) -> int:
+        """``K`` for an image, known before the model runs (attach); raises if data-dependent."""
+        self._require_fixed(pipeline)
+        return min(pipeline.image_budget(layout), int(layout.capacity.sum()))
+
+    # ------------------------------------------------------------------ checks
+    def check_parts(self, allocator: BudgetAllocator, selector: Selector) -> None:
+        return None
+
+    def check_model(self, model: Any, processor: Any = None) -> None:
+        """Raise :class:`IncompatibleError` when ``model``/``processor`` are not this family."""
+        name = self.registry_name or type(self).__name__
+        if not any(cls in self.model_classes for cls in _class_names(model)):
+            raise IncompatibleError(
+                f"adapter {name!r} works with {', '.join(self.model_classes)}; got a "
+                f"{type(model).__name__}. Pick the adapter for that model family "
+                "(tokenprune list adapters)."
+            )
+        if processor is not None and not any(cls in self.processor_classes for cls in _class_names(processor)):
+            raise IncompatibleError(
+                f"adapter {name!r} needs a {' or '.join(self.processor_classes)} for this model; got a "
+                f"{type(processor).__name__}"
+            )
+        config = model.config
+        layer = getattr(config, "vision_feature_layer", -2)
+        if not isinstance(layer, int):
+            raise IncompatibleError(
+                f"vision_feature_layer={layer!r} concatenates several blocks; tokenprune supports one "
+                "feature layer"
+            )
+        strategy = getattr(config, "vision_feature_select_strategy", "default")
+        if strategy != "default":
+            raise IncompatibleError(
+                f"vision_feature_select_strategy={strategy!r}: tokenprune prunes patch tokens and "
+                "supports 'default' (CLS dropped), the setting of LLaVA-1.5/NeXT and ShareGPT4V"
+            )
+        if processor is not None:
+            processor_strategy = getattr(processor, "vision_feature_select_strategy", None)
+            if processor_strategy not in (None, strategy):
+                raise IncompatibleError(
+                    f"processor vision_feature_select_strategy={processor_strategy!r} but the model's "
+                    f"is {strategy!r}: the processor and model are from different checkpoints"
+                )
+            image_token_id = getattr(processor, "image_token_id", None)
+            if image_token_id is not None and image_token_id != config.image_token_id:
+                raise IncompatibleError(
+                    f"processor image_token_id={image_token_id} but the model's is {config.image_token_id}: "
+                    "the processor and model are from different checkpoints"
+                )
+
+    def _require_fixed(self, pipeline: Pipeline) -> None:
+        reasons = []
+        if pipeline.adaptive:
+            reasons.append(f"the selector {pipeline.selector.describe()} chooses its own count")
+        if not pipeline.allocator.exact:
+            reasons.append(f"the allocator {pipeline.allocator.describe()} floors its shares")
+        newline = getattr(self, "newline", "none")
+        if newline != "none":
+            reasons.append(f"newline={newline!r} adds one token per kept canvas row")
+        if reasons:
+            raise ConfigError(
+                "Pipeline.attach needs to know each image's token count before the model runs, "
+                f"but {'; '.join(reasons)}. Use Pipeline.prepare(model, processor, images=..., text=...) "
+                "and pass its output to model.generate(**inputs)."
+            )
+
+    # ------------------------------------------------------------------ the tower
+    def _tower(self, model: Any) -> Any:
+        tower = getattr(getattr(model, "model", model), "vision_tower", None)
+        if tower is None:
+            raise IncompatibleError(f"{type(model).__name__} has no vision_tower")
+        return tower
+
+    def _tap(self, pipeline: Pipeline, model: Any) -> tuple[Any, Any]:
+        from tokenprune.adapters.taps import check_needs, tap_for
+
+        tap = tap_for(self._tower(model))
+        check_needs(tap, pipeline.allocator.needs, f"allocator {pipeline._part_label('allocator')}")
+        check_needs(tap, pipeline.selector.needs, f"selector {pipeline._part_label('selector')}")
+        needs = pipeline.needs
+        scorer = self._scorer() if needs.relevance else None
+        if scorer is not None:
+            needs = needs | scorer.needs_for(tap.tower)
+        return tap, needs
+
+    def _scorer(self) -> Any:
+        spec = getattr(self, "relevance_scorer", None)
+        if spec is None:
+            raise ConfigError(
+                "the pipeline needs prompt relevance (e.g. allocator 'hero' with saliency_weight < 1); "
+                "give the adapter a scorer: relevance_scorer='hf:/path/to/clip' (a local CLIPModel "
+                "checkpoint), 'open_clip:MODEL_NAME:/path/to/weights', or a RelevanceScorer instance"
+            )
+        cached = self.__dict__.get("_scorer_instance")
+        if cached is not None:
+            return cached
+        from tokenprune.adapters.relevance import HFClipScorer, OpenClipScorer, RelevanceScorer
+
+        if isinstance(spec, RelevanceScorer):
+            scorer = spec
+        elif isinstance(spec, str) and spec.startswith("hf:"):
+            scorer = HFClipScorer.from_pretrained(spec[3:])
+        elif isinstance(spec, str) and spec.startswith("open_clip:") and spec.count(":") >= 2:
+            _, name, path = spec.split(":", 2)
+            scorer = OpenClipScorer.from_pretrained(name, path)
+        else:
+            raise ConfigError(
+                f"relevance_scorer={spec!r} is not understood; use 'hf:/path/to/clip', "
+                "'open_clip:MODEL_NAME:/path/to/weights' or a RelevanceScorer instance"
+            )
+        object.__setattr__(self, "_scorer_instance", scorer)
+        return scorer
+
+    # ------------------------------------------------------------------ pruning
+    def prune_pixels(
+        self,
+        pipeline: Pipeline,
+        model: Any,
+        processor: Any,
+        pixel_values: torch.Tensor,
+        image_sizes: Any,
+        prompts: Sequence[str | None],
+    ) -> list[ImageTokens]:
+        """Tower once (with the tap), allocate, select, order and project, per image."""
+        crops, layouts, geometries = self._crops_and_layouts(model, processor, pixel_values, image_sizes)
+        tap, needs = self._tap(pipeline, model)
+        tower = tap.tower
+        parameter = next(tower.parameters())
+        batch = torch.cat(crops).to(device=parameter.device, dtype=parameter.dtype)
+        feature_layer = model.config.vision_feature_layer
+        with torch.inference_mode(), tap.capture(needs, feature_layer=feature_layer) as record:
+            tower(batch)
+        everything = record.signals()
+        signals: list[Signals] = []
+        start = 0
+        image_mean, image_std = self._pixel_stats(processor)
+        for crop, prompt in zip(crops, prompts):
+            part = everything.partitions(slice(start, start + crop.shape[0]))
+            if needs.relevance:
+                relevance = self._scorer().score(
+                    batch[start : start + crop.shape[0]],
+                    prompt or "",
+                    pixel_mean=image_mean,
+                    pixel_std=image_std,
+                    tower=tower,
+                    tower_cls=part.cls_embedding.get(tap.num_layers - 1),
+                )
+                part = _with_relevance(part, relevance, prompt)
+            signals.append(part)
+            start += crop.shape[0]
+        results = pipeline.apply_batch(layouts, signals)
+        newline = self._newline_embedding(model)
+        projector = getattr(model, "model", model).multi_modal_projector
+        images = []
+        for layout, geometry, signal, result in zip(layouts, geometries, signals, results):
+            kept = _kept_features(signal.features, result.selection)
+            ordered = self._order(layout, geometry, result.selection, kept)
+            with torch.inference_mode():
+                embeddings = projector(ordered.tokens[None])[0]
+            if ordered.newline_after.numel():
+                embeddings = _insert_rows(embeddings, ordered.newline_after, newline)
+            stats = LlavaImageStats(
+                image_size=layout.image_size,
+                partitions=result.stats.partitions,
+                full_tokens=result.stats.full_tokens,
+                stock_image_tokens=self._stock_image_tokens(layout, geometry),
+                budget=result.stats.budget,
+                allocated=result.stats.allocated,
+                kept=result.stats.kept,
+                newline_tokens=int(ordered.newline_after.numel()),
+                image_tokens=int(embeddings.shape[0]),
+            )
+            images.append(ImageTokens(embeddings, layout, result.selection, stats))
+        return images
+
+    @staticmethod
+    def _pixel_stats(processor: Any) -> tuple[Any, Any]:
+        image_processor = getattr(processor, "image_processor", None)
+        return getattr(image_processor, "image_mean", None), getattr(image_processor, "image_std", None)
+
+    # ------------------------------------------------------------------ prepare
+    def prepare(
+        self,
+        pipeline: Pipeline,
+        model: Any,
+        processor: Any,
+        images: Any,
+        text: str | Sequence[str],
+        **tokenizer_kwargs: Any,
+    ) -> dict[str, Any]:
+        """kwargs for ``model.generate`` with pruned images; see the module docs."""
+        self.check_model(model, processor)
+        image_list = _as_list(images, "images")
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ConfigError(f"text must be a string or a list of strings, got {type(text).__name__}")
+        image_token = processor.image_token
+        counts = [t.count(image_token) for t in texts]
+        for index, count in enumerate(counts):
+            if count == 0:
+                raise ConfigError(
+                    f"text[{index}] has no image token {image_token!r}; put one where each image goes "
+                    f"(e.g. via processor.apply_chat_template). Text: {texts[index][:120]!r}"
+                )
+        if sum(counts) != len(image_list):
+            raise ConfigError(
+                f"the texts hold {sum(counts)} image token(s) {image_token!r} but {len(image_list)} image(s) "
+                "were given; each image needs exactly one image token"
+            )
+        prompts = [_strip_image_tokens(t, image_token) for t, c in zip(texts, counts) for _ in range(c)]
+        inputs = self._image_inputs(processor, image_list)
+        pruned = self.prune_pixels(
+            pipeline, model, processor, inputs["pixel_values"], inputs.get("image_sizes"), prompts
+        )
+        expanded = _expand_placeholders(processor, texts, [image_token * p.stats.image_tokens for p in pruned])
+        tokenizer_kwargs.setdefault("padding", True)
+        tokenizer_kwargs.setdefault("padding_side", "left")
+        tokenized = processor.tokenizer(expanded, return_tensors="pt", **tokenizer_kwargs)
+        input_ids, attention_mask = tokenized["input_ids"], tokenized["attention_mask"]
+        placeholders = (input_ids == model.config.image_token_id).sum(dim=1)
+        expected = torch.tensor([sum(p.stats.image_tokens for p in _images_of(pruned, counts, row)) for row in range(len(texts))])
+        if not torch.equal(placeholders, expected):
+            raise TokenpruneError(
+                f"the tokenizer produced {placeholders.tolist()} image placeholders per text, expected "
+                f"{expected.tolist()}: the image token {image_token!r} must be a single special token"
+            )
+        lengths = attention_mask.sum(dim=1).tolist()
+        pipeline._record(
+            [
+                ImageTokens(image.embeddings, image.layout, image.selection, _with_prefill(image.stats, int(lengths[row])))
+                for row in range(len(texts))
+                for image in _images_of(pruned, counts, row)
+            ]
+        )
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        device = next(model.parameters()).device
+        embeddings = tuple(p.embeddings.to(device) for p in pruned)
+        return {
+            "input_ids": input_ids.to(device),
+            "attention_mask": attention_mask.to(device),
+            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=embeddings)},
+        }
+
+    # ------------------------------------------------------------------ attach
+    @contextmanager
+    def attach(self, pipeline: Pipeline, model: Any, processor: Any) -> Iterator[None]:
+        """Per-instance wrappers on ``processor`` and ``model``; restored on exit."""
+        self.check_model(model, processor)
+        self._require_fixed(pipeline)
+        self._tap(pipeline, model)  # CLS/tower checks before anything is wrapped
+        base = getattr(model, "model", model)
+        adapter = self
+        recent_prompts: list[str] = []
+
+        original_replace = processor.replace_image_token
+
+        @functools.wraps(original_replace)
+        def replace_image_token(image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+            sizes = image_inputs.get("image_sizes")
+            size = None if sizes is None else sizes[image_idx]
+            layout, geometry = adapter._layout_for_size(model, processor, image_inputs, image_idx, size)
+            return processor.image_token * adapter.fixed_image_tokens(pipeline, layout, geometry)
+
+        original_texts = processor.get_text_with_replacements
+
+        @functools.wraps(original_texts)
+        def get_text_with_replacements(text: list[str], *args: Any, **kwargs: Any) -> Any:
+            # remember the prompts, in image order, for strategies that read prompt relevance
+            recent_prompts[:] = [
+                _strip_image_tokens(t, processor.image_token)
+                for t in text
+                for _ in range(t.count(processor.image_token))
+            ]
+            return original_texts(text, *args, **kwargs)
+
+        original_features = base.get_image_features
+
+        @functools.wraps(original_features)
+        def get_image_features(pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+            image_sizes = kwargs.get("image_sizes", args[0] if args else None)
+            count = pixel_values.shape[0]
+            prompts = recent_prompts if len(recent_prompts) == count else [None] * count
+            pruned = adapter.prune_pixels(pipeline, model, processor, pixel_values, image_sizes, prompts)
+            pipeline._record(pruned)
+            return BaseModelOutputWithPooling(pooler_output=tuple(p.embeddings for p in pruned))
+
+        wrappers = {
+            (processor, "replace_image_token"): replace_image_token,
+            (processor, "get_text_with_replacements"): get_text_with_replacements,
+            (base, "get_image_features"): get_image_features,
+        }
+        saved = {key: key[0].__dict__.get(key[1], _MISSING) for key in wrappers}
+        for (owner, name), wrapper in wrappers.items():
+            setattr(owner, name, wrapper)
+        try:
+            yield
+        finally:
+            for (owner, name), previous in saved.items():
+                if previous is _MISSING:
+                    owner.__dict__.pop(name, None)
+                else:
+                    setattr(owner, name, previous)
+
+    @abstractmethod
+    def _layout_for_size(
+        self, model: Any, processor: Any, image_inputs: dict, image_idx: int, size: Any
+    ) -> tuple[Layout, Any]:
+        """Layout (and geometry) of one image from the processor's outputs (attach mode)."""
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _as_list(images: Any, what: str) -> list[Any]:
+    if images is None:
+        raise ConfigError(f"{what} is required: give one image or a list of images")
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ConfigError(f"{what} is an empty list")
+        return list(images)
+    return [images]
+
+
+def _with_relevance(signals: Signals, relevance: torch.Tensor, prompt: str | None) -> Signals:
+    return Signals(
+        features=signals.features,
+        cls_attention=signals.cls_attention,
+        wide_cls_attention=signals.wide_cls_attention,
+        cls_embedding=signals.cls_embedding,
+        keys=signals.keys,
+        relevance=relevance.to(torch.float32),
+        prompt=prompt,
+        num_layers=signals.num_layers,
+    )
+
+
+def _kept_features(features: torch.Tensor | None, selection: Selection) -> list[torch.Tensor]:
+    """Per partition, the rows the LLM gets (merged ones when the selector merged)."""
+    if selection.features is not None:
+        return list(selection.features)
+    if features is None:
+        raise TokenpruneError("no features were recorded for the kept tokens")
+    return [features[p, idx.to(features.device)] for p, idx in enumerate(selection.indices)]
+
+
+def _insert_rows(embeddings: torch.Tensor, after: torch.Tensor, row: torch.Tensor | None) -> torch.Tensor:
+    """Insert ``row`` after each position in ``after`` (ascending) of ``embeddings``."""
+    if row is None:
+        raise TokenpruneError("this model has no image_newline embedding for newline tokens")
+    total = embeddings.shape[0] + after.numel()
+    out = embeddings.new_empty(total, embeddings.shape[1])
+    shift = torch.arange(after.numel(), device=after.device)
+    newline_slots = after + 1 + shift
+    is_newline = torch.zeros(total, dtype=torch.bool, device=embeddings.device)
+    is_newline[newline_slots.to(embeddings.device)] = True
+    out[is_newline] = row.to(embeddings.dtype)
+    out[~is_newline] = embeddings
+    return out
+
+
+def _expand_placeholders(processor: Any, texts: list[str], replacements: list[str]) -> list[str]:
+    """Replace each image token, in order, by its replacement (the processor's own routine)."""
+    if hasattr(processor, "get_text_with_replacements"):
+        expanded, _ = processor.get_text_with_replacements(list(texts), replacements, [], [])
+        return list(expanded)
+    token = processor.image_token
+    queue = iter(replacements)
+    return ["".join(part + (next(queue) if i < t.count(token) else "") for i, part in enumerate(t.split(token))) for t in texts]
+
+
+def _images_of(pruned: list[ImageTokens], counts: list[int], row: int) -> list[ImageTokens]:
+    start = sum(counts[:row])
+    return pruned[start : start + counts[row]]
+
+
+def _with_prefill(stats: LlavaImageStats, prefill: int) -> LlavaImageStats:
+    return LlavaImageStats(**{**stats.__dict__, "prefill_length": prefill})
+
+
+def signature_of(function: Any) -> inspect.Signature:
+    """The signature callers see (follows ``functools.wraps``)."""
+    return inspect.signature(function)

@@ -1,0 +1,488 @@
+"""Ablation sweeps: ``tokenprune sweep CONFIG`` (YAML or TOML).
+
+A config names a model, a dataset, a base pipeline and a grid; every grid point is one
+``Pipeline.from_dict`` of the base with the grid's values applied — no special cases::
+
+    name: hired-alpha
+    model: builtin                 # the built-in tiny LLaVA-NeXT, or a local checkpoint folder
+    dataset: sample                # built-in set, a .jsonl file, a save_to_disk folder, or
+                                   # {kind: jsonl, path: ..., limit: 100}
+    output: runs/hired-alpha       # results.rank*.jsonl, results.jsonl, summary.md/.csv, plots
+    generation: {max_new_tokens: 8}
+    prompt: "{question} Answer the question using a single word or phrase."
+    base:
+      adapter: llava_next
+      allocator: hired
+      selector: cls_final
+      budget: 0.2
+    grid:                          # or a list of grids: their points are concatenated
+      allocator.alpha: [0.0, 0.25, 0.5, 0.75, 1.0]
+      budget: [0.1, 0.2]
+
+Grid keys: ``adapter`` / ``allocator`` / ``selector`` (a name, preset name or config dict:
+replaces that part, options included), ``budget``, and ``<part>.<option>`` (sets one
+option, after any part replacement). Every grid point is validated before the first sample
+runs.
+
+Results are one append-only JSONL row per (grid point, sample), flushed and fsynced: a
+restart skips what is done; a killed run restarted ends with every row exactly once. Under
+``accelerate launch --num_processes N -m tokenprune sweep CONFIG`` each rank takes every
+N-th sample and writes its own shard; rank 0 merges and summarises when all are done.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import time
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..cost import LLMShape, prefill_flops
+from ..errors import ConfigError, TokenpruneError
+from ..pipeline import Pipeline
+from .datasets import SHORT_ANSWER_PROMPT, Sample, load_samples, shard
+from .metrics import METRICS, score_all
+from .progress import progress
+from .results import ResultRow, ResultsStore, grid_point_id, merge
+from .summary import summarize, to_markdown, write_report
+
+__all__ = ["SweepConfig", "GridPoint", "load_config", "grid_points", "run_sweep", "SweepReport"]
+
+_PARTS = ("adapter", "allocator", "selector")
+_TOP_KEYS = {"name", "model", "dataset", "output", "generation", "prompt", "metrics", "base", "grid", "device", "dtype", "seed"}
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One pipeline configuration of a sweep."""
+
+    index: int
+    config: dict[str, Any]
+    overrides: dict[str, Any]
+
+    def label(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.overrides.items()) or "base"
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A parsed sweep config (see the module docs)."""
+
+    name: str
+    model: str
+    dataset: Any
+    output: Path
+    base: dict[str, Any]
+    grid: list[dict[str, list[Any]]]
+    generation: dict[str, Any]
+    prompt: str
+    metrics: tuple[str, ...]
+    device: str | None
+    dtype: str
+    seed: int
+
+
+def _read(path: Path) -> dict[str, Any]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    elif path.suffix == ".toml":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    else:
+        raise ConfigError(f"{path}: a sweep config must be .yaml, .yml or .toml")
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return dict(data)
+
+
+def load_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> SweepConfig:
+    """Parse and check a sweep config (a file path or an already-loaded mapping)."""
+    if isinstance(source, Mapping):
+        data, origin, folder = dict(source), "sweep config", Path.cwd()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"sweep config {path} does not exist")
+        data, origin, folder = _read(path), str(path), path.parent
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"{origin}: unknown keys {unknown}; allowed: {sorted(_TOP_KEYS)}")
+    for key in ("base", "grid"):
+        if key not in data:
+            raise ConfigError(f"{origin}: missing '{key}'")
+    base = data["base"]
+    if not isinstance(base, Mapping):
+        raise ConfigError(f"{origin}: 'base' must be a pipeline config mapping")
+    grids = data["grid"] if isinstance(data["grid"], list) else [data["grid"]]
+    checked: list[dict[str, list[Any]]] = []
+    for grid in grids:
+        if not isinstance(grid, Mapping):
+            raise ConfigError(f"{origin}: 'grid' must be a mapping (or a list of mappings) of key: [values]")
+        entry = {}
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{origin}: grid key {key!r} needs a non-empty list of values, got {values!r}")
+            part = key.split(".", 1)[0]
+            if key != "budget" and part not in _PARTS:
+                raise ConfigError(
+                    f"{origin}: grid key {key!r} must be 'budget', a part ({', '.join(_PARTS)}) or '<part>.<option>'"
+                )
+            entry[str(key)] = list(values)
+        checked.append(entry)
+    output = Path(data.get("output", f"runs/{data.get('name', 'sweep')}"))
+    if not output.is_absolute() and not isinstance(source, Mapping):
+        output = (folder / output).resolve()
+    metrics = data.get("metrics", ())
+    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    for metric in metrics:
+        if metric not in METRICS:
+            raise ConfigError(f"{origin}: unknown metric {metric!r}; available: {', '.join(sorted(METRICS))}")
+    dataset = data.get("dataset", "sample")
+    if isinstance(dataset, str) and dataset not in ("sample", "builtin") and not Path(dataset).is_absolute():
+        dataset = str(folder / dataset)
+    elif isinstance(dataset, Mapping) and isinstance(dataset.get("path"), str) and not Path(dataset["path"]).is_absolute():
+        dataset = {**dataset, "path": str(folder / dataset["path"])}
+    model = str(data.get("model", "builtin"))
+    if model != "builtin" and not Path(model).is_absolute():
+        candidate = folder / model
+        model = str(candidate) if candidate.exists() else model
+    prompt = str(data.get("prompt", "{question} " + SHORT_ANSWER_PROMPT))
+    if "{question}" not in prompt:
+        raise ConfigError(f"{origin}: 'prompt' must contain '{{question}}', got {prompt!r}")
+    return SweepConfig(
+        name=str(data.get("name", "sweep")),
+        model=model,
+        dataset=dataset,
+        output=output,
+        base=dict(base),
+        grid=checked,
+        generation=dict(data.get("generation", {})),
+        prompt=prompt,
+        metrics=metrics,
+        device=data.get("device"),
+        dtype=str(data.get("dtype", "auto")),
+        seed=int(data.get("seed", 0)),
+    )
+
+
+def _apply(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    config = copy.deepcopy(dict(base))
+    for part in _PARTS:  # normalise parts to {"name": ..., **options}
+        value = config.get(part)
+        if isinstance(value, str):
+            config[part] = {"name": value}
+    # whole-part replacements first, then single options
+    for key, value in overrides.items():
+        if key in _PARTS:
+            config[key] = {"name": value} if isinstance(value, str) else dict(value)
+        elif key == "budget":
+            config["budget"] = value
+    for key, value in overrides.items():
+        if "." in key:
+            part, option = key.split(".", 1)
+            if not isinstance(config.get(part), Mapping):
+                raise ConfigError(f"grid key {key!r}: the base config has no {part}")
+            config[part][option] = value
+    return config
+
+
+def grid_points(config: SweepConfig) -> list[GridPoint]:
+    """Every grid point, validated (built once) before anything runs."""
+    points: list[GridPoint] = []
+    seen: set[str] = set()
+    for grid in config.grid:
+        keys = list(grid)
+        for values in itertools.product(*(grid[k] for k in keys)):
+            overrides = dict(zip(keys, values))
+            try:
+                pipeline = Pipeline.from_dict(_apply(config.base, overrides))
+            except TokenpruneError as error:
+                raise ConfigError(f"grid point {overrides}: {error}") from error
+            canonical = pipeline.to_dict()
+            key = json.dumps(canonical, sort_keys=True, default=str)
+            if key in seen:
+                continue  # the same pipeline reached from two grids runs once
+            seen.add(key)
+            points.append(GridPoint(len(points), canonical, overrides))
+    return points
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    """What a sweep run did."""
+
+    output: Path
+    grid_points: int
+    samples: int
+    ran: int
+    skipped: int
+    failed: int
+    rank: int
+    world_size: int
+    written: dict[str, Path]
+
+
+class _FirstTokenClock:
+    """A generate() streamer that timestamps the prompt and the first new token."""
+
+    def __init__(self) -> None:
+        self.prompt_at: float | None = None
+        self.first_token_at: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        _sync()
+        now = time.perf_counter()
+        if self.prompt_at is None:
+            self.prompt_at = now
+        elif self.first_token_at is None:
+            self.first_token_at = now
+
+    def end(self) -> None:
+        return None
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+_RANK_VARIABLES = (
+    ("RANK", "WORLD_SIZE"),  # torchrun, i.e. accelerate launch --multi_gpu
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),  # accelerate's multi-CPU mode (mpirun)
+    ("PMI_RANK", "PMI_SIZE"),
+)
+
+
+class _Ranks:
+    """This process's rank among the launcher's processes, and a barrier across them."""
+
+    def __init__(self) -> None:
+        environ = os.environ
+        self.rank, self.world_size = 0, 1
+        for rank_name, size_name in _RANK_VARIABLES:
+            if rank_name in environ and size_name in environ:
+                self.rank, self.world_size = int(environ[rank_name]), int(environ[size_name])
+                break
+        else:
+            if environ.get("MASTER_ADDR") and str(environ.get("ACCELERATE_USE_CPU", "")).lower() == "true":
+                raise ConfigError(
+                    "accelerate launch --cpu with --num_processes > 1 starts a single process (accelerate's "
+                    "multi-CPU mode needs mpirun), so the sweep would not be sharded. On CPU use "
+                    "'accelerate launch --multi_gpu --num_processes N -m tokenprune sweep CONFIG' (torchrun "
+                    "processes, gloo), or pass --num_processes 1"
+                )
+        if not 0 <= self.rank < self.world_size:
+            raise ConfigError(f"rank {self.rank} is not in [0, world size {self.world_size})")
+        self._group = False
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                backend = "nccl" if torch.cuda.is_available() else "gloo"
+                dist.init_process_group(backend, rank=self.rank, world_size=self.world_size)
+                self._group = True
+
+    def device(self) -> str:
+        if not torch.cuda.is_available():
+            return "cpu"
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if self.world_size > 1 else "cuda"
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self._group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self._group = False
+
+
+def _load(config: SweepConfig, device: str) -> tuple[Any, Any, str, str]:
+    if config.model == "builtin":
+        from tokenprune.adapters.tiny import tiny_llava_next
+
+        model, processor = tiny_llava_next(seed=config.seed)
+        return model.to(device), processor, "llava_next", "builtin:tiny-llava-next"
+    from ..run import load_model
+
+    dtype = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(config.dtype)
+    model, processor, adapter = load_model(config.model, device=device, dtype=dtype)
+    return model, processor, adapter, Path(config.model).name
+
+
+def _chat(processor: Any, question: str) -> str:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    if getattr(processor, "chat_template", None):
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    return f"USER: {processor.image_token}\n{question} ASSISTANT:"
+
+
+def _evaluate(
+    pipeline: Pipeline, model: Any, processor: Any, sample: Sample, config: SweepConfig, llm: LLMShape | None
+) -> dict[str, Any]:
+    text = _chat(processor, config.prompt.format(question=sample.question))
+    image = sample.load_image()
+    generation = {"max_new_tokens": 16, "do_sample": False, **config.generation}
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    _sync()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        inputs = pipeline.prepare(model, processor, images=image, text=text)
+        prepared = time.perf_counter()
+        clock = _FirstTokenClock()
+        output = model.generate(**inputs, streamer=clock, **generation)
+    _sync()
+    end = time.perf_counter()
+    stats = pipeline.last_stats[0]
+    new = output[0, inputs["input_ids"].shape[1] :]
+    prediction = processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+    first = clock.first_token_at or end
+    prefill = (prepared - start) + (first - (clock.prompt_at or prepared))
+    decode_time = end - first
+    metrics = [sample.metric] if sample.metric else list(config.metrics) or ["exact_match"]
+    return {
+        "prediction": prediction,
+        "scores": score_all(metrics, prediction, sample.answers),
+        "visual_tokens": stats.image_tokens,
+        "full_visual_tokens": stats.stock_image_tokens,
+        "tokens_per_partition": list(stats.kept),
+        "partitions": list(stats.partitions),
+        "prefill_s": prefill,
+        "decode_tokens_per_s": (len(new) - 1) / decode_time if len(new) > 1 and decode_time > 0 else None,
+        "new_tokens": int(len(new)),
+        "peak_memory_bytes": int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None,
+        "prefill_flops": prefill_flops(stats.prefill_length, llm) if llm and stats.prefill_length else None,
+    }
+
+
+def run_sweep(
+    source: str | os.PathLike[str] | Mapping[str, Any],
+    *,
+    limit: int | None = None,
+    show_progress: bool | None = None,
+    plots: bool = True,
+) -> SweepReport:
+    """Run (or resume) a sweep; see the module docs. Returns what this rank did."""
+    config = load_config(source)
+    points = grid_points(config)
+    ranks = _Ranks()
+    try:
+        return _run(config, points, ranks, limit=limit, show_progress=show_progress, plots=plots)
+    finally:
+        ranks.close()
+
+
+def _run(
+    config: SweepConfig, points: list[GridPoint], ranks: _Ranks, *, limit: int | None, show_progress: bool | None, plots: bool
+) -> SweepReport:
+    rank, world_size = ranks.rank, ranks.world_size
+    samples = load_samples(config.dataset)
+    if limit is not None:
+        samples = samples[:limit]
+    mine = shard(samples, rank, world_size)
+    device = config.device or ranks.device()
+    torch.manual_seed(config.seed)
+    model, processor, adapter, model_id = _load(config, device)
+    try:
+        llm: LLMShape | None = LLMShape.from_config(model.config)
+    except ConfigError:
+        llm = None
+    pipelines = []
+    for point in points:
+        spec = dict(point.config)
+        if spec.get("adapter") is None:
+            spec["adapter"] = {"name": adapter}
+        pipelines.append((point, Pipeline.from_dict(spec)))
+    config.output.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        (config.output / "grid.json").write_text(
+            json.dumps([{"index": p.index, "overrides": p.overrides, "config": p.config} for p in points], indent=2, default=str),
+            encoding="utf-8",
+        )
+    ran = skipped = failed = 0
+    work = [(point, pipe, sample) for point, pipe in pipelines for sample in mine]
+    with ResultsStore.for_rank(config.output, rank) as store:
+        for point, pipe, sample in progress(work, total=len(work), description=f"{config.name} [rank {rank}]", force=show_progress, rank=rank):
+            grid_point = grid_point_id(pipe.to_dict(), model_id)
+            if store.is_done(grid_point, sample.id):
+                skipped += 1
+                continue
+            row = ResultRow(
+                grid_point=grid_point,
+                sample_id=sample.id,
+                model=model_id,
+                config=pipe.to_dict(),
+                category=sample.category,
+                question=sample.question,
+                answers=list(sample.answers),
+                rank=rank,
+            ).to_dict()
+            try:
+                row.update(_evaluate(pipe, model, processor, sample, config, llm))
+                ran += 1
+            except TokenpruneError as error:  # a sample the pipeline rejects is recorded, not fatal
+                row["error"] = f"{type(error).__name__}: {error}"
+                failed += 1
+            store.append(row)
+    written: dict[str, Path] = {}
+    ranks.barrier()  # every shard is complete before rank 0 merges
+    if rank == 0:
+        merge(config.output)
+        written = write_report(config.output / "results.jsonl", config.output, plots=plots)
+        written["results"] = config.output / "results.jsonl"
+    return SweepReport(config.output, len(points), len(samples), ran, skipped, failed, rank, world_size, written)
+
+
+def add_sweep_parser(sub: Any) -> None:
+    import argparse
+
+    parser = sub.add_parser(
+        "sweep",
+        help="run (or resume) an ablation sweep from a YAML/TOML config",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", help="sweep config (.yaml, .yml or .toml)")
+    parser.add_argument("--limit", type=int, help="only the first N samples (a quick look)")
+    parser.add_argument("--no-plots", action="store_true", help="write the tables only")
+    bar = parser.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="always draw the progress bar")
+    bar.add_argument("--no-progress", dest="progress", action="store_false", help="never draw it")
+    parser.set_defaults(func=_cmd_sweep)
+
+
+def _cmd_sweep(args: Any) -> int:
+    report = run_sweep(args.config, limit=args.limit, show_progress=args.progress, plots=not args.no_plots)
+    who = f"rank {report.rank}/{report.world_size}: " if report.world_size > 1 else ""
+    print(
+        f"{who}{report.grid_points} grid points x {report.samples} samples: ran {report.ran}, "
+        f"skipped {report.skipped} already done, {report.failed} failed"
+    )
+    if report.written:
+        summaries = summarize(report.written["results"])
+        print()
+        print(to_markdown(summaries))
+        for name, path in sorted(report.written.items()):
+            print(f"wrote {name}: {path}")
+    return 0
