@@ -423,6 +423,14 @@ def _run(
     ran = skipped = failed = 0
     work = [(point, pipe, sample) for point, pipe in pipelines for sample in mine]
     with ResultsStore.for_rank(config.output, rank) as store:
+        pending = [item for item in work if not store.is_done(grid_point_id(item[1].to_dict(), model_id), item[2].id)]
+        if pending:  # one untimed run first: lazy imports and first-call set-up must not count
+            _, pipe, sample = pending[0]
+            warm = SweepConfig(**{**config.__dict__, "generation": {**config.generation, "max_new_tokens": 1}})
+            try:
+                _evaluate(pipe, model, processor, sample, warm, llm)
+            except TokenpruneError:
+                pass  # the real run records the error
         for point, pipe, sample in progress(work, total=len(work), description=f"{config.name} [rank {rank}]", force=show_progress, rank=rank):
             grid_point = grid_point_id(pipe.to_dict(), model_id)
             if store.is_done(grid_point, sample.id):
