@@ -132,6 +132,14 @@ class LlavaFamilyAdapter(Adapter):
         return min(pipeline.image_budget(layout), int(layout.capacity.sum()))
 
     # ------------------------------------------------------------------ checks
+    def check(self) -> None:
+        spec = getattr(self, "relevance_scorer", None)
+        if spec is not None and not isinstance(spec, str) and not hasattr(spec, "score"):
+            raise ConfigError(
+                f"{self.registry_name}: relevance_scorer must be None, a spec string "
+                f"('hf:/path', 'open_clip:NAME:/path') or a RelevanceScorer, got {type(spec).__name__}"
+            )
+
     def check_parts(self, allocator: BudgetAllocator, selector: Selector) -> None:
         return None
 

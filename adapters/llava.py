@@ -58,14 +58,6 @@ class LlavaAdapter(LlavaFamilyAdapter):
     model_classes = ("LlavaForConditionalGeneration",)
     processor_classes = ("LlavaProcessor",)
 
-    def check(self) -> None:
-        spec = self.relevance_scorer
-        if spec is not None and not isinstance(spec, str) and not hasattr(spec, "score"):
-            raise ConfigError(
-                f"{self.registry_name}: relevance_scorer must be None, a spec string or a RelevanceScorer, "
-                f"got {type(spec).__name__}"
-            )
-
     def check_model(self, model: Any, processor: Any = None) -> None:
         super().check_model(model, processor)
         if processor is None:

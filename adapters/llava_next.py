@@ -50,14 +50,6 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
     model_classes = ("LlavaNextForConditionalGeneration",)
     processor_classes = ("LlavaNextProcessor",)
 
-    def check(self) -> None:
-        spec = self.relevance_scorer
-        if spec is not None and not isinstance(spec, str) and not hasattr(spec, "score"):
-            raise ConfigError(
-                f"llava_next: relevance_scorer must be None, a spec string or a RelevanceScorer, "
-                f"got {type(spec).__name__}"
-            )
-
     def check_model(self, model: Any, processor: Any = None) -> None:
         super().check_model(model, processor)
         LlavaNextPartitioner.from_model(model, processor)  # raises when they disagree

@@ -295,3 +295,46 @@ def test_sharegpt4v_requires_its_padding_processor(llava_model):
     relaxed = tp.Pipeline(adapter="sharegpt4v", allocator="equal", selector="cls_final", budget=0.5, require_padding=False)
     relaxed.prepare(model, processor, images=picture(50, 50, 16), text=chat(processor))
     assert relaxed.last_stats[0].image_tokens == 24
+
+
+# ------------------------------------------------------------------------- prompt relevance
+
+
+def test_hero_with_a_clip_scorer_reuses_the_tower_cls(next_model, tmp_path_factory):
+    import transformers
+
+    from tokenprune.adapters.relevance import HFClipScorer
+
+    from .test_relevance import _clip_config, _tiny_vocab
+
+    model, processor = next_model
+    folder = tmp_path_factory.mktemp("clip_tokenizer")
+    vocab, merges = _tiny_vocab()
+    import json
+
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tokenizer = transformers.CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
+    tower = model.model.vision_tower
+    clip = transformers.CLIPModel(
+        transformers.CLIPConfig(
+            text_config=_clip_config(tokenizer).text_config.to_dict(),
+            vision_config=tower.config.to_dict(),
+            projection_dim=16,
+        )
+    ).eval()
+    clip.vision_model.load_state_dict(tower.state_dict())
+    scorer = HFClipScorer(clip, tokenizer)
+
+    image, text = picture(120, 60, 17), chat(processor, "Where is the red car?")
+    missing = tp.Pipeline(adapter="llava_next", allocator="hero", selector="hero", budget=0.3)
+    with pytest.raises(tp.ConfigError, match="relevance_scorer="):
+        missing.prepare(model, processor, images=image, text=text)
+    pipe = tp.Pipeline(adapter="llava_next", allocator="hero", selector="hero", budget=0.3, relevance_scorer=scorer)
+    inputs = pipe.prepare(model, processor, images=image, text=text)
+    assert scorer.last_path == "reused_tower_cls"
+    stats = pipe.last_stats[0]
+    assert sum(stats.kept) == stats.budget == int((inputs["input_ids"] == model.config.image_token_id).sum())
+    with pipe.attach(model, processor):
+        attached = processor(images=image, text=text, return_tensors="pt")
+        assert torch.equal(greedy(model, attached), greedy(model, inputs))

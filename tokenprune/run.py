@@ -53,6 +53,15 @@ def load_model(path: str | Path, *, device: str = "cpu", dtype: torch.dtype | No
     return model, processor, _ADAPTER_OF_CLASS[names[0]]
 
 
+DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+"""``--dtype`` / config ``dtype`` names; ``auto`` keeps the checkpoint's own dtype."""
+
+
 def _median_time(function: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     """Median wall time of ``repeats`` calls after one untimed warm-up call."""
     times, result = [], function()
@@ -81,8 +90,7 @@ def _model_image_pipeline(args: argparse.Namespace) -> tuple[Any, Any, str, Any,
     torch.manual_seed(args.seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.model:
-        dtype = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
-        model, processor, detected = load_model(args.model, device=device, dtype=dtype)
+        model, processor, detected = load_model(args.model, device=device, dtype=DTYPES[args.dtype])
         source = f"checkpoint {args.model}"
     else:
         from tokenprune.adapters.tiny import tiny_llava_next
@@ -199,7 +207,7 @@ def _common_arguments(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--selector", help="selector name or preset (default: cls_final)")
     parser.add_argument("--budget", help="fraction (0.2, '20%%') or token count per image (default 0.2)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument("--dtype", default="auto", choices=list(DTYPES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=out, help="PNG of the kept tokens (default: %(default)s)")
 

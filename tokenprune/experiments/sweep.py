@@ -323,10 +323,11 @@ def _load(config: SweepConfig, device: str) -> tuple[Any, Any, str, str]:
 
         model, processor = tiny_llava_next(seed=config.seed)
         return model.to(device), processor, "llava_next", "builtin:tiny-llava-next"
-    from ..run import load_model
+    from ..run import DTYPES, load_model
 
-    dtype = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(config.dtype)
-    model, processor, adapter = load_model(config.model, device=device, dtype=dtype)
+    if config.dtype not in DTYPES:
+        raise ConfigError(f"dtype {config.dtype!r} is not one of {', '.join(DTYPES)}")
+    model, processor, adapter = load_model(config.model, device=device, dtype=DTYPES[config.dtype])
     return model, processor, adapter, Path(config.model).name
 
 
