@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 __all__ = ["LlavaFamilyAdapter", "ImageTokens", "LlavaImageStats"]
 
 _MISSING = object()
+#: Relevance scorers loaded from spec strings, shared by every adapter instance.
+_SCORERS: dict[str, Any] = {}
 
 
 @dataclass(frozen=True)
@@ -227,14 +229,14 @@ class LlavaFamilyAdapter(Adapter):
                 "give the adapter a scorer: relevance_scorer='hf:/path/to/clip' (a local CLIPModel "
                 "checkpoint), 'open_clip:MODEL_NAME:/path/to/weights', or a RelevanceScorer instance"
             )
-        cached = self.__dict__.get("_scorer_instance")
-        if cached is not None:
-            return cached
         from tokenprune.adapters.relevance import HFClipScorer, OpenClipScorer, RelevanceScorer
 
         if isinstance(spec, RelevanceScorer):
-            scorer = spec
-        elif isinstance(spec, str) and spec.startswith("hf:"):
+            return spec
+        cached = _SCORERS.get(spec) if isinstance(spec, str) else None
+        if cached is not None:  # one load per spec, shared by every pipeline (sweeps build many)
+            return cached
+        if isinstance(spec, str) and spec.startswith("hf:"):
             scorer = HFClipScorer.from_pretrained(spec[3:])
         elif isinstance(spec, str) and spec.startswith("open_clip:") and spec.count(":") >= 2:
             _, name, path = spec.split(":", 2)
@@ -244,7 +246,7 @@ class LlavaFamilyAdapter(Adapter):
                 f"relevance_scorer={spec!r} is not understood; use 'hf:/path/to/clip', "
                 "'open_clip:MODEL_NAME:/path/to/weights' or a RelevanceScorer instance"
             )
-        object.__setattr__(self, "_scorer_instance", scorer)
+        _SCORERS[spec] = scorer
         return scorer
 
     # ------------------------------------------------------------------ pruning
@@ -322,9 +324,15 @@ class LlavaFamilyAdapter(Adapter):
         processor: Any,
         images: Any,
         text: str | Sequence[str],
+        question: str | Sequence[str] | None = None,
         **tokenizer_kwargs: Any,
     ) -> dict[str, Any]:
-        """kwargs for ``model.generate`` with pruned images; see the module docs."""
+        """kwargs for ``model.generate`` with pruned images; see the module docs.
+
+        ``question`` (one per text, or one for all) is what prompt-relevance strategies score
+        each image against; by default the text itself with its image tokens removed (chat
+        template included — pass the bare question for CLIP's 77-token window).
+        """
         self.check_model(model, processor)
         image_list = _as_list(images, "images")
         texts = [text] if isinstance(text, str) else list(text)
@@ -343,7 +351,13 @@ class LlavaFamilyAdapter(Adapter):
                 f"the texts hold {sum(counts)} image token(s) {image_token!r} but {len(image_list)} image(s) "
                 "were given; each image needs exactly one image token"
             )
-        prompts = [_strip_image_tokens(t, image_token) for t, c in zip(texts, counts) for _ in range(c)]
+        if question is None:
+            questions = [_strip_image_tokens(t, image_token) for t in texts]
+        else:
+            questions = [question] * len(texts) if isinstance(question, str) else list(question)
+            if len(questions) != len(texts):
+                raise ConfigError(f"{len(questions)} questions for {len(texts)} texts; give one per text")
+        prompts = [q for q, c in zip(questions, counts) for _ in range(c)]
         inputs = self._image_inputs(processor, image_list)
         pruned = self.prune_pixels(
             pipeline, model, processor, inputs["pixel_values"], inputs.get("image_sizes"), prompts
@@ -411,12 +425,22 @@ class LlavaFamilyAdapter(Adapter):
             return original_texts(text, *args, **kwargs)
 
         original_features = base.get_image_features
+        signature = inspect.signature(original_features)
 
         @functools.wraps(original_features)
         def get_image_features(pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-            image_sizes = kwargs.get("image_sizes", args[0] if args else None)
+            bound = signature.bind_partial(pixel_values, *args, **kwargs).arguments
+            for name in ("vision_feature_layer", "vision_feature_select_strategy"):
+                wanted = bound.get(name)
+                configured = getattr(model.config, name, None)
+                if wanted is not None and wanted != configured:
+                    raise ConfigError(
+                        f"get_image_features({name}={wanted!r}) differs from the model config's "
+                        f"{configured!r}; tokenprune prunes the configured feature layer"
+                    )
+            image_sizes = bound.get("image_sizes")
             count = pixel_values.shape[0]
             prompts = recent_prompts if len(recent_prompts) == count else [None] * count
             pruned = adapter.prune_pixels(pipeline, model, processor, pixel_values, image_sizes, prompts)
@@ -451,12 +475,14 @@ class LlavaFamilyAdapter(Adapter):
 
 
 def _as_list(images: Any, what: str) -> list[Any]:
+    """Images as a flat list; nested lists (one list per prompt, HF's batching) are flattened."""
     if images is None:
         raise ConfigError(f"{what} is required: give one image or a list of images")
     if isinstance(images, (list, tuple)):
-        if not images:
+        flat = [image for item in images for image in (item if isinstance(item, (list, tuple)) else [item])]
+        if not flat:
             raise ConfigError(f"{what} is an empty list")
-        return list(images)
+        return flat
     return [images]
 
 
@@ -492,7 +518,7 @@ def _insert_rows(embeddings: torch.Tensor, after: torch.Tensor, row: torch.Tenso
     newline_slots = after + 1 + shift
     is_newline = torch.zeros(total, dtype=torch.bool, device=embeddings.device)
     is_newline[newline_slots.to(embeddings.device)] = True
-    out[is_newline] = row.to(embeddings.dtype)
+    out[is_newline] = row.to(embeddings.device, embeddings.dtype)
     out[~is_newline] = embeddings
     return out
 

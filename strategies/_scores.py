@@ -41,7 +41,8 @@ def topk_per_partition(
     """
     if scores.shape != valid.shape:
         raise ContractError(f"{what} have shape {tuple(scores.shape)}, valid mask {tuple(valid.shape)}")
-    finite_or_raise(scores, what)
+    scores = scores.float()
+    finite_or_raise(scores, what)  # after the cast: a float64 score below float32's range would tie with padding
     if (
         not isinstance(budgets, torch.Tensor)
         or tuple(budgets.shape) != (scores.shape[0],)
@@ -58,7 +59,7 @@ def topk_per_partition(
         raise ContractError(
             f"budgets {budgets.tolist()} exceed the valid tokens per partition {valid.sum(dim=1).tolist()}"
         )
-    masked = scores.float().masked_fill(~valid, float("-inf"))
+    masked = scores.masked_fill(~valid, float("-inf"))
     order = torch.sort(masked, dim=1, descending=True, stable=True).indices
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))

@@ -216,7 +216,7 @@ def _stride(layout: Layout, p: int, budget: int) -> torch.Tensor:
 
 def _pool_shape(budget: int, height: int, width: int) -> tuple[int, int]:
     """Largest ``(r, c)`` grid, ``r * c <= budget``, following ``height / width``."""
-    rows = min(height, max(1, math.isqrt(budget * height // width)))
+    rows = min(height, budget, max(1, math.isqrt(budget * height // width)))  # cols >= 1 below
     cols = min(width, budget // rows)
     if cols == width:
         rows = min(height, budget // width)

@@ -338,3 +338,25 @@ def test_hero_with_a_clip_scorer_reuses_the_tower_cls(next_model, tmp_path_facto
     with pipe.attach(model, processor):
         attached = processor(images=image, text=text, return_tensors="pt")
         assert torch.equal(greedy(model, attached), greedy(model, inputs))
+
+
+def test_nested_image_lists_and_questions_follow_the_hf_batching_convention(llava_model):
+    model, processor = llava_model
+    texts = ["USER: <image>\nOne? ASSISTANT:", "USER: <image>\n<image>\nTwo? ASSISTANT:"]
+    images = [[picture(40, 40, 20)], [picture(50, 30, 21), picture(30, 50, 22)]]
+    pipe = tp.Pipeline(adapter="llava", allocator="equal", selector="cls_final", budget=5)
+    inputs = pipe.prepare(model, processor, images=images, text=texts, question=["one", "two"])
+    assert (inputs["input_ids"] == model.config.image_token_id).sum(dim=1).tolist() == [5, 10]
+    with pytest.raises(tp.ConfigError, match="1 questions for 2 texts"):
+        pipe.prepare(model, processor, images=images, text=texts, question=["only one"])
+
+
+def test_attach_binds_get_image_features_arguments_by_name(llava_model):
+    model, processor = llava_model
+    pipe = tp.Pipeline(adapter="llava", allocator="equal", selector="cls_final", budget=7)
+    pixels = processor.image_processor([picture(40, 40, 23)], return_tensors="pt")["pixel_values"]
+    with pipe.attach(model, processor):
+        out = model.model.get_image_features(pixels, -2, "default")  # positional, as the signature allows
+        assert out.pooler_output[0].shape[0] == 7
+        with pytest.raises(tp.ConfigError, match=r"vision_feature_layer=-1\) differs from the model config's -2"):
+            model.model.get_image_features(pixels, vision_feature_layer=-1)

@@ -93,3 +93,10 @@ def test_budget_dataclass_validates_direct_construction():
         tp.Budget("tokens", -1)
     with pytest.raises(tp.BudgetError):
         tp.Budget("percent", 0.2)  # type: ignore[arg-type]
+
+
+def test_numpy_scalars_are_read_by_their_printed_value():
+    import numpy as np
+
+    assert tp.parse_budget(np.float32(0.7)).tokens(2880) == 2016
+    assert tp.parse_budget(np.int64(576)).tokens(2880) == 576

@@ -72,6 +72,11 @@ def test_options_are_routed_to_the_part_that_declares_them():
         selector_options={"layer": 1},
     )
     assert (pipe.allocator.layer, pipe.selector.layer) == (0, 1)
+    with pytest.raises(tp.ConfigError, match=r"option 'rounding' is given twice with different values"):
+        tp.Pipeline(
+            allocator="example_attention_mass", selector="example_topk", budget=0.2,
+            rounding="floor", allocator_options={"rounding": "exact"},
+        )  # fmt: skip
     with pytest.raises(tp.ConfigError, match=r"no part of this pipeline takes option 'roundng'. Did you mean 'rounding'"):
         tp.Pipeline(allocator="example_attention_mass", selector="example_topk", budget=0.2, roundng="floor")
 

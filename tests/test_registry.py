@@ -218,3 +218,19 @@ def test_name_of_an_unregistered_instance_is_a_clear_error():
 
     with pytest.raises(tp.UnknownNameError, match="register it with tokenprune.register_selector"):
         tp.SELECTORS.name_of(Loose())
+
+
+def test_preset_on_an_unregistered_base_names_its_origin(registry):
+    registry.register_preset("ghost@x", {}, doc="Nothing underneath.")
+    with pytest.raises(tp.UnknownNameError, match=r"preset 'ghost@x' \(registered by tests\.test_registry \(line \d+\)\) is based on 'ghost'"):
+        registry.build("ghost@x")
+
+
+def test_a_failing_builtin_import_is_retried_not_left_half_loaded(monkeypatch):
+    import tokenprune.registry as registry_module
+
+    monkeypatch.setattr(registry_module, "_plugins_loaded", False)
+    monkeypatch.setattr(registry_module, "_BUILTIN_MODULES", ("tokenprune.no_such_module",))
+    with pytest.raises(ModuleNotFoundError):
+        registry_module.load_plugins()
+    assert registry_module._plugins_loaded is False

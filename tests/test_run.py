@@ -51,5 +51,7 @@ def test_run_reports_bad_input_without_a_traceback(tmp_path, capsys):
     assert "no config.json there" in capsys.readouterr().err
     assert main(["run", "--budget", "1.5", "--repeats", "1"]) == 2
     assert "float above 1.0" in capsys.readouterr().err
+    assert main(["run", "--repeats", "0"]) == 2
+    assert "--repeats must be at least 1" in capsys.readouterr().err
     assert main(["run", "--selector", "cls_finl", "--repeats", "1"]) == 2
     assert "Did you mean 'cls_final'" in capsys.readouterr().err

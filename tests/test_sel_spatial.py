@@ -246,3 +246,18 @@ def test_pipeline_reports_adaptivity_and_matches_direct_and_batch(options, adapt
         # Full partitions keep everything; the padded tile's 3 x 4 box keeps a 2 x 2 lattice:
         # rows floor((2i + 1) * 3 / 4) = 0, 2; columns floor((2j + 1) * 4 / 4) = 1, 3.
         assert [i.tolist() for i in direct.indices] == [list(range(16)), list(range(16)), [1, 3, 9, 11]]
+
+
+def test_pool_on_a_tall_narrow_region_with_a_small_budget():
+    # Regression: a 6x1 valid column with budget 1 made a 6-row, 0-column grid (division by zero).
+    valid = torch.zeros(6, 6, dtype=torch.bool)
+    valid[:, 2] = True
+    layout = tp.Layout.single(6, valid=valid.flatten()[None])
+    features = torch.arange(36, dtype=torch.float32).view(1, 36, 1).repeat(1, 1, 2)
+    signals = tp.Signals(features=features)
+    for budget in (1, 2, 5):
+        selection = tp.build_selector("spatial", mode="pool").select(layout, signals, torch.tensor([budget]))
+        assert 1 <= int(selection.counts[0]) <= budget
+        column = features[0, valid.flatten(), 0]
+        if budget == 1:
+            assert torch.allclose(selection.features[0][:, 0], column.mean()[None])

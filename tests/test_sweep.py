@@ -94,6 +94,21 @@ def test_run_writes_rows_summary_and_plots_then_resumes(tmp_path):
     assert (again.ran, again.skipped) == (0, 4)
 
 
+def test_beam_search_runs_and_changed_settings_do_not_reuse_rows(tmp_path):
+    import yaml
+
+    path = write_config(tmp_path, {"budget": [0.2]})
+    first = run_sweep(path, limit=1, show_progress=False, plots=False)
+    assert first.ran == 1
+    config = yaml.safe_load(path.read_text())
+    config["generation"] = {"max_new_tokens": 2, "num_beams": 2}
+    path.write_text(yaml.safe_dump(config))
+    second = run_sweep(path, limit=1, show_progress=False, plots=False)
+    assert (second.ran, second.skipped, second.failed) == (1, 0, 0)  # a new key: not reused
+    rows = read_rows(tmp_path / "out" / "results.jsonl")
+    assert len(rows) == 2 and sum(r["prefill_s"] is None for r in rows) == 1  # no first-token clock in beam search
+
+
 def test_cli_prints_progress_and_the_summary(tmp_path, capsys):
     from tokenprune.cli import main
 

@@ -319,7 +319,8 @@ def parse_budget(value: object) -> Budget:
             raise BudgetError(f"budget {value!r} is negative; expected {allowed}")
         return Budget("tokens", int(value))
     if isinstance(value, numbers.Real):
-        number = float(value)
+        # numpy float32(0.7) is 0.699999988...: read non-Python floats by their printed value
+        number = float(value) if isinstance(value, float) else float(str(value))
         if not math.isfinite(number):
             raise BudgetError(f"budget {value!r} is not finite; expected {allowed}")
         if number <= 0.0:

@@ -153,7 +153,13 @@ class Pipeline:
         for key, value in options.items():
             owners = [part for part, names in accepted.items() if key in names]
             if len(owners) == 1:
-                per_part[owners[0]].setdefault(key, value)
+                part_options = per_part[owners[0]]
+                if key in part_options and part_options[key] != value:
+                    raise ConfigError(
+                        f"option {key!r} is given twice with different values: {key}={value!r} and "
+                        f"{owners[0]}_options={{{key!r}: {part_options[key]!r}}}; give it once"
+                    )
+                part_options[key] = value
                 continue
             if len(owners) > 1:
                 raise ConfigError(
@@ -263,14 +269,19 @@ class Pipeline:
             )
         return adapter
 
-    def prepare(self, model: Any, processor: Any, *, images: Any, text: Any, **tokenizer_kwargs: Any) -> dict[str, Any]:
+    def prepare(
+        self, model: Any, processor: Any, *, images: Any, text: Any, question: Any = None, **tokenizer_kwargs: Any
+    ) -> dict[str, Any]:
         """Prune ``images`` and return kwargs for the unmodified ``model.generate``.
 
         Runs the vision tower once with the attention tap, allocates, selects, projects the
         kept features, and tokenizes ``text`` with exactly ``K`` image placeholders per
-        image (left padding). Per-image stats land in :attr:`last_stats`.
+        image (left padding). Per-image stats land in :attr:`last_stats`. ``question``: what
+        prompt-relevance strategies score against (default: ``text`` without image tokens).
         """
-        return self._model_adapter("prepare").prepare(self, model, processor, images, text, **tokenizer_kwargs)
+        return self._model_adapter("prepare").prepare(
+            self, model, processor, images, text, question=question, **tokenizer_kwargs
+        )
 
     def attach(self, model: Any, processor: Any) -> AbstractContextManager[None]:
         """Context manager: the processor and model prune on their own while inside.

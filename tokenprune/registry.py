@@ -132,17 +132,18 @@ def load_plugins(*, reload: bool = False) -> None:
         if _plugins_loaded and not reload:
             return
         _plugins_loaded = True  # set first: the imports below register into the registries
-        for module in _BUILTIN_MODULES:
-            importlib.import_module(module)
+        try:
+            for module in _BUILTIN_MODULES:
+                importlib.import_module(module)
+        except BaseException:
+            _plugins_loaded = False  # the next lookup retries rather than seeing a partial registry
+            raise
         for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
             try:
                 loaded = entry_point.load()
                 if callable(loaded) and not inspect.ismodule(loaded) and not inspect.isclass(loaded):
                     loaded()
-            except DuplicateNameError:
-                if not reload:
-                    raise
-            except Exception as exc:  # a broken plugin must not break the toolkit
+            except Exception as exc:  # a broken plugin (or a name clash) must not break the toolkit
                 warnings.warn(
                     f"tokenprune plugin {entry_point.name!r} ({entry_point.value}) failed to "
                     f"load: {type(exc).__name__}: {exc}",
@@ -208,14 +209,14 @@ class Registry(Generic[T]):
         for preset in [p for p in self._presets.values() if p.base == name]:
             del self._presets[preset.name]
 
-    def register_preset(self, name: str, options: Mapping[str, Any], doc: str) -> Preset:
+    def register_preset(self, name: str, options: Mapping[str, Any], doc: str, *, _depth: int = 1) -> Preset:
         """Register ``base@variant`` as the entry ``base`` with ``options``."""
         match = _PRESET.match(name) if isinstance(name, str) else None
         if match is None:
             raise ConfigError(f"preset name must look like 'base@variant', got {name!r}")
         if not doc or not doc.strip():
             raise ConfigError(f"preset {name!r} needs a doc listing what it sets and why")
-        caller = inspect.stack()[1]
+        caller = inspect.stack()[_depth]
         origin = f"{caller.frame.f_globals.get('__name__', '?')} (line {caller.lineno})"
         preset = Preset(name, match.group(1), MappingProxyType(dict(options)), inspect.cleandoc(doc), origin)
         existing = self._presets.get(name)
@@ -247,7 +248,14 @@ class Registry(Generic[T]):
         if name in self._entries:
             return self._entries[name]
         if name in self._presets:
-            return self._entries[self._presets[name].base]
+            preset = self._presets[name]
+            if preset.base not in self._entries:
+                raise UnknownNameError(
+                    f"{self.stage} preset {name!r} (registered by {preset.origin}) is based on "
+                    f"{preset.base!r}, which is not registered."
+                    + _suggest(preset.base, sorted(self._entries), f"{self.stage}s")
+                )
+            return self._entries[preset.base]
         raise UnknownNameError(
             f"no {self.stage} named {name!r}." + _suggest(name, self.names(), f"{self.stage}s")
         )
@@ -362,4 +370,4 @@ def register_preset(stage: str, name: str, options: Mapping[str, Any], doc: str)
     """Register a named preset (``base@variant``) in the ``stage`` registry."""
     if stage not in REGISTRIES:
         raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(REGISTRIES)}")
-    return REGISTRIES[stage].register_preset(name, options, doc)
+    return REGISTRIES[stage].register_preset(name, options, doc, _depth=2)

@@ -136,7 +136,7 @@ def show(args: argparse.Namespace) -> int:
     """``tokenprune show``: the kept-token picture for one image + prompt, any pipeline."""
     model, processor, source, image, image_name, pipe = _model_image_pipeline(args)
     with torch.inference_mode():
-        pipe.prepare(model, processor, images=image, text=_prompt(processor, args.prompt))
+        pipe.prepare(model, processor, images=image, text=_prompt(processor, args.prompt), question=args.prompt)
     stats = pipe.last_stats[0]
     print(f"model: {source}\nimage: {image_name} ({image.width}x{image.height} px)")
     print(pipe.describe())
@@ -147,7 +147,14 @@ def show(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats must be at least 1, got {args.repeats}")
     model, processor, source, image, image_name, pipe = _model_image_pipeline(args)
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # timing synchronises the current device
     text = _prompt(processor, args.prompt)
     print(f"model:    {source}")
     print(f"image:    {image_name} ({image.width}x{image.height} px)")
@@ -155,11 +162,12 @@ def run(args: argparse.Namespace) -> int:
     print()
 
     with torch.inference_mode():
-        prepare_s, pruned = _median_time(lambda: pipe.prepare(model, processor, images=image, text=text), args.repeats)
+        prepare_s, pruned = _median_time(
+            lambda: pipe.prepare(model, processor, images=image, text=text, question=args.prompt), args.repeats
+        )
         stats = pipe.last_stats[0]
         image_tokens = pipe.last_images[0]
         prefill_s, _ = _median_time(lambda: model(**pruned), args.repeats)
-        device = next(model.parameters()).device
         process_s, full = _median_time(lambda: processor(images=image, text=text, return_tensors="pt").to(device), args.repeats)
         full_s, _ = _median_time(lambda: model(**full), args.repeats)
         generated = model.generate(**pruned, max_new_tokens=args.max_new_tokens, do_sample=False)

@@ -116,10 +116,16 @@ def _signals(needs: Needs, layout: Layout, seed: int) -> Signals:
     def rand(*shape: int) -> torch.Tensor:
         return torch.randint(-3, 4, shape, generator=generator).float() / 3
 
+    # towers run in fp32, fp16 or bf16: the attention rows a strategy reads may be any of them
+    dtype = (torch.float32, torch.float16, torch.bfloat16)[seed % 3]
+
+    def attention(heads: int) -> torch.Tensor:
+        return _attention(generator, p, heads, n).to(dtype)
+
     return Signals(
         features=rand(p, n, width),
-        cls_attention={layer: _attention(generator, p, heads, n) for layer in resolved.cls_attention},
-        wide_cls_attention={layer: _attention(generator, p, 1, n) for layer in resolved.wide_cls_attention},
+        cls_attention={layer: attention(heads) for layer in resolved.cls_attention},
+        wide_cls_attention={layer: attention(1) for layer in resolved.wide_cls_attention},
         cls_embedding={layer: rand(p, width) for layer in resolved.cls_embedding},
         keys={layer: rand(p, n, width) for layer in resolved.keys},
         relevance=(torch.rand(p, generator=generator) * 2 - 1) if needs.relevance else None,

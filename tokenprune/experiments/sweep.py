@@ -246,7 +246,7 @@ class _FirstTokenClock:
         self.first_token_at: float | None = None
 
     def put(self, value: torch.Tensor) -> None:
-        _sync()
+        _sync()  # the current device (set to the model's GPU by the runner)
         now = time.perf_counter()
         if self.prompt_at is None:
             self.prompt_at = now
@@ -294,8 +294,15 @@ class _Ranks:
             import torch.distributed as dist
 
             if not dist.is_initialized():
+                from datetime import timedelta
+
+                if torch.cuda.is_available():
+                    torch.cuda.set_device(int(environ.get("LOCAL_RANK", "0")))
                 backend = "nccl" if torch.cuda.is_available() else "gloo"
-                dist.init_process_group(backend, rank=self.rank, world_size=self.world_size)
+                # ranks may finish hours apart (a resumed shard is already done): wait, don't time out
+                dist.init_process_group(
+                    backend, rank=self.rank, world_size=self.world_size, timeout=timedelta(days=7)
+                )
                 self._group = True
 
     def device(self) -> str:
@@ -328,7 +335,7 @@ def _load(config: SweepConfig, device: str) -> tuple[Any, Any, str, str]:
     if config.dtype not in DTYPES:
         raise ConfigError(f"dtype {config.dtype!r} is not one of {', '.join(DTYPES)}")
     model, processor, adapter = load_model(config.model, device=device, dtype=DTYPES[config.dtype])
-    return model, processor, adapter, Path(config.model).name
+    return model, processor, adapter, str(Path(config.model).resolve())
 
 
 def _chat(processor: Any, question: str) -> str:
@@ -349,18 +356,20 @@ def _evaluate(
     _sync()
     start = time.perf_counter()
     with torch.inference_mode():
-        inputs = pipeline.prepare(model, processor, images=image, text=text)
+        inputs = pipeline.prepare(model, processor, images=image, text=text, question=sample.question)
         prepared = time.perf_counter()
         clock = _FirstTokenClock()
-        output = model.generate(**inputs, streamer=clock, **generation)
+        # generate() refuses streamers with beam search: no first-token time then
+        streaming = int(generation.get("num_beams", 1)) == 1
+        output = model.generate(**inputs, **({"streamer": clock} if streaming else {}), **generation)
     _sync()
     end = time.perf_counter()
     stats = pipeline.last_stats[0]
     new = output[0, inputs["input_ids"].shape[1] :]
     prediction = processor.tokenizer.decode(new, skip_special_tokens=True).strip()
     first = clock.first_token_at or end
-    prefill = (prepared - start) + (first - (clock.prompt_at or prepared))
-    decode_time = end - first
+    prefill = (prepared - start) + (first - (clock.prompt_at or prepared)) if streaming else None
+    decode_time = end - first if streaming else 0.0
     metrics = [sample.metric] if sample.metric else list(config.metrics) or ["exact_match"]
     return {
         "prediction": prediction,
@@ -403,6 +412,10 @@ def _run(
         samples = samples[:limit]
     mine = shard(samples, rank, world_size)
     device = config.device or ranks.device()
+    if world_size > 1 and device == "cuda":
+        device = ranks.device()  # one GPU per rank, not all on cuda:0
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))  # timing sync and peak memory read this GPU
     torch.manual_seed(config.seed)
     model, processor, adapter, model_id = _load(config, device)
     try:
@@ -422,9 +435,20 @@ def _run(
             encoding="utf-8",
         )
     ran = skipped = failed = 0
+    # everything besides the pipeline that changes a row's outcome is part of its key, so
+    # a changed prompt, generation setting, dtype or dataset never reuses old rows
+    run_settings = {
+        "prompt": config.prompt,
+        "generation": config.generation,
+        "dtype": config.dtype,
+        "dataset": config.dataset if isinstance(config.dataset, (str, dict)) else str(config.dataset),
+        "metrics": list(config.metrics),
+    }
     work = [(point, pipe, sample) for point, pipe in pipelines for sample in mine]
     with ResultsStore.for_rank(config.output, rank) as store:
-        pending = [item for item in work if not store.is_done(grid_point_id(item[1].to_dict(), model_id), item[2].id)]
+        pending = [
+            item for item in work if not store.is_done(grid_point_id({**item[1].to_dict(), "run": run_settings}, model_id), item[2].id)
+        ]
         if pending:  # one untimed run first: lazy imports and first-call set-up must not count
             _, pipe, sample = pending[0]
             warm = SweepConfig(**{**config.__dict__, "generation": {**config.generation, "max_new_tokens": 1}})
@@ -433,7 +457,7 @@ def _run(
             except TokenpruneError:
                 pass  # the real run records the error
         for point, pipe, sample in progress(work, total=len(work), description=f"{config.name} [rank {rank}]", force=show_progress, rank=rank):
-            grid_point = grid_point_id(pipe.to_dict(), model_id)
+            grid_point = grid_point_id({**pipe.to_dict(), "run": run_settings}, model_id)
             if store.is_done(grid_point, sample.id):
                 skipped += 1
                 continue
@@ -450,9 +474,11 @@ def _run(
             try:
                 row.update(_evaluate(pipe, model, processor, sample, config, llm))
                 ran += 1
-            except TokenpruneError as error:  # a sample the pipeline rejects is recorded, not fatal
+            except (TokenpruneError, torch.OutOfMemoryError) as error:  # recorded, not fatal
                 row["error"] = f"{type(error).__name__}: {error}"
                 failed += 1
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
             store.append(row)
     written: dict[str, Path] = {}
     ranks.barrier()  # every shard is complete before rank 0 merges
