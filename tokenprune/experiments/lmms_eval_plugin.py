@@ -516,6 +516,7 @@ class _TokenprunePlugin(lmms):
                 self._processor,
                 images=[image for i in with_images for image in visuals[i]],
                 text=[prompts[i] for i in with_images],
+                question=[str(chunk[i][0]) for i in with_images],  # relevance: the task's context, not the template
             )
             stats = iter(self.pipe.last_stats)
             for i in with_images:
