@@ -540,8 +540,3 @@ def _images_of(pruned: list[ImageTokens], counts: list[int], row: int) -> list[I
 
 def _with_prefill(stats: LlavaImageStats, prefill: int) -> LlavaImageStats:
     return LlavaImageStats(**{**stats.__dict__, "prefill_length": prefill})
-
-
-def signature_of(function: Any) -> inspect.Signature:
-    """The signature callers see (follows ``functools.wraps``)."""
-    return inspect.signature(function)

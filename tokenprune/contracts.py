@@ -20,15 +20,12 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 
 from .errors import ContractError, SignalError
 from .options import check_option_types
-
-if TYPE_CHECKING:
-    from torch import nn
 
 __all__ = [
     "Layout",
