@@ -161,6 +161,40 @@ def _build(model_class: Any, config: Any, seed: int) -> Any:
         return model_class(config)
 
 
+def _assemble(
+    transformers: Any,
+    family: Literal["Llava", "LlavaNext"],
+    images: Any,
+    tokenizer: Any,
+    crop_size: int,
+    patch_size: int,
+    seed: int,
+    **config_extra: Any,
+) -> Any:
+    """The family's processor, config and model around a tiny tower and LLM (``family`` is the
+    transformers class prefix: ``Llava`` or ``LlavaNext``)."""
+    processor = getattr(transformers, f"{family}Processor")(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=TINY_CHAT_TEMPLATE,
+    )
+    side = crop_size // patch_size
+    config = getattr(transformers, f"{family}Config")(
+        vision_config=_vision_config(transformers, crop_size, patch_size),
+        text_config=_text_config(transformers, tokenizer),
+        image_token_index=processor.image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=side * side,
+        **config_extra,
+    )
+    model = _build(getattr(transformers, f"{family}ForConditionalGeneration"), config, seed)
+    return _finish(model, tokenizer), processor
+
+
 def tiny_llava_next(
     seed: int = 0,
     *,
@@ -195,26 +229,16 @@ def tiny_llava_next(
         images = transformers.LlavaNextImageProcessorPil(**processor_kwargs)
     else:
         raise ValueError(f"image_processor must be 'torchvision' or 'pil', got {image_processor!r}")
-    processor = transformers.LlavaNextProcessor(
-        image_processor=images,
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=TINY_CHAT_TEMPLATE,
-    )
-    side = crop_size // patch_size
-    config = transformers.LlavaNextConfig(
-        vision_config=_vision_config(transformers, crop_size, patch_size),
-        text_config=_text_config(transformers, tokenizer),
-        image_token_index=processor.image_token_id,
+    return _assemble(
+        transformers,
+        "LlavaNext",
+        images,
+        tokenizer,
+        crop_size,
+        patch_size,
+        seed,
         image_grid_pinpoints=pinpoints,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=side * side,
     )
-    model = _build(transformers.LlavaNextForConditionalGeneration, config, seed)
-    return _finish(model, tokenizer), processor
 
 
 def tiny_llava(
@@ -235,25 +259,7 @@ def tiny_llava(
         size={"shortest_edge": crop_size},
         crop_size={"height": crop_size, "width": crop_size},
     )
-    processor = transformers.LlavaProcessor(
-        image_processor=images,
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=TINY_CHAT_TEMPLATE,
-    )
-    side = crop_size // patch_size
-    config = transformers.LlavaConfig(
-        vision_config=_vision_config(transformers, crop_size, patch_size),
-        text_config=_text_config(transformers, tokenizer),
-        image_token_index=processor.image_token_id,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=side * side,
-    )
-    model = _build(transformers.LlavaForConditionalGeneration, config, seed)
-    return _finish(model, tokenizer), processor
+    return _assemble(transformers, "Llava", images, tokenizer, crop_size, patch_size, seed)
 
 
 def save_tiny(model: Any, processor: Any, path: str | os.PathLike[str]) -> None:
