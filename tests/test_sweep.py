@@ -17,6 +17,14 @@ import tokenprune as tp
 from tokenprune.experiments import read_rows
 from tokenprune.experiments.sweep import grid_points, load_config, run_sweep
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 BASE = {"adapter": "llava_next", "allocator": "hired", "selector": "cls_final", "budget": 0.2}
 
 
@@ -120,11 +128,14 @@ def test_cli_prints_progress_and_the_summary(tmp_path, capsys):
 
 
 def test_a_sweep_killed_with_sigkill_and_restarted_has_every_row_exactly_once(tmp_path):
-    path = write_config(tmp_path, {"budget": [0.1, 0.2]}, tokens=4)
+    # 13 samples x 2 budgets = 26 rows of 12 generated tokens each: long enough that the kill
+    # (as soon as 3 rows are on disk) lands mid-run even on a fast, idle machine
+    path = write_config(tmp_path, {"budget": [0.1, 0.2]}, tokens=12)
+    total = 26
     shard_file = tmp_path / "out" / "results.rank0.jsonl"
     env = {**os.environ, "TOKENPRUNE_PROGRESS": "0"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "tokenprune", "sweep", str(path), "--limit", "6", "--no-plots"],
+        [sys.executable, "-m", "tokenprune", "sweep", str(path), "--no-plots"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -136,7 +147,7 @@ def test_a_sweep_killed_with_sigkill_and_restarted_has_every_row_exactly_once(tm
                 break
             if process.poll() is not None:
                 pytest.fail(f"the sweep ended before it could be killed: {process.stderr.read().decode()[-2000:]}")
-            time.sleep(0.05)
+            time.sleep(0.01)
         else:
             pytest.fail("the sweep wrote no rows in time")
         os.kill(process.pid, signal.SIGKILL)
@@ -144,12 +155,12 @@ def test_a_sweep_killed_with_sigkill_and_restarted_has_every_row_exactly_once(tm
         process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL
     before = shard_file.read_bytes().count(b"\n")
-    assert 3 <= before < 12
-    report = run_sweep(path, limit=6, show_progress=False, plots=False)
-    assert report.skipped >= 3 and report.ran + report.skipped == 12
+    assert 3 <= before < total
+    report = run_sweep(path, show_progress=False, plots=False)
+    assert report.skipped >= 3 and report.ran + report.skipped == total
     rows = read_rows(tmp_path / "out" / "results.jsonl")
     keys = collections.Counter((r["grid_point"], r["sample_id"]) for r in rows)
-    assert len(keys) == 12 and set(keys.values()) == {1}
+    assert len(keys) == total and set(keys.values()) == {1}
 
 
 def test_sharded_under_accelerate_with_two_processes(tmp_path):
@@ -159,7 +170,7 @@ def test_sharded_under_accelerate_with_two_processes(tmp_path):
     path = write_config(tmp_path, {"budget": [0.2]})
     command = [
         str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
         "-m", "tokenprune", "sweep", str(path), "--limit", "5", "--no-plots",
     ]  # fmt: skip
     env = {**os.environ, "TOKENPRUNE_PROGRESS": "0", "CUDA_VISIBLE_DEVICES": ""}
