@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -96,13 +95,12 @@ def test_llava_processor_and_model(llava: tuple[object, object]) -> None:
 
 
 @pytest.mark.parametrize("family", ["llava_next", "llava"])
-def test_generate_smoke_is_fast(family: str, request: pytest.FixtureRequest) -> None:
+def test_generate_smoke(family: str, request: pytest.FixtureRequest) -> None:
+    # no wall-clock assertion: tests assert behaviour; speed is what benchmarks/ measure
     model, processor = request.getfixturevalue(family)
     inputs = processor(images=_image(45, 70), text=PROMPT, return_tensors="pt")
-    start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4)
-    assert time.perf_counter() - start < 5.0
     assert out.shape == (1, inputs["input_ids"].shape[1] + 4)
     assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
 
