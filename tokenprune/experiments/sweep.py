@@ -444,11 +444,14 @@ def _run(
         "dataset": config.dataset if isinstance(config.dataset, (str, dict)) else str(config.dataset),
         "metrics": list(config.metrics),
     }
-    work = [(point, pipe, sample) for point, pipe in pipelines for sample in mine]
+    # a row's key: (grid point id, sample id); the id depends on the pipeline only
+    work = [
+        (grid_point_id({**pipe.to_dict(), "run": run_settings}, model_id), pipe, sample)
+        for _, pipe in pipelines
+        for sample in mine
+    ]
     with ResultsStore.for_rank(config.output, rank) as store:
-        pending = [
-            item for item in work if not store.is_done(grid_point_id({**item[1].to_dict(), "run": run_settings}, model_id), item[2].id)
-        ]
+        pending = [item for item in work if not store.is_done(item[0], item[2].id)]
         if pending:  # one untimed run first: lazy imports and first-call set-up must not count
             _, pipe, sample = pending[0]
             warm = SweepConfig(**{**config.__dict__, "generation": {**config.generation, "max_new_tokens": 1}})
@@ -456,8 +459,7 @@ def _run(
                 _evaluate(pipe, model, processor, sample, warm, llm)
             except TokenpruneError:
                 pass  # the real run records the error
-        for point, pipe, sample in progress(work, total=len(work), description=f"{config.name} [rank {rank}]", force=show_progress, rank=rank):
-            grid_point = grid_point_id({**pipe.to_dict(), "run": run_settings}, model_id)
+        for grid_point, pipe, sample in progress(work, total=len(work), description=f"{config.name} [rank {rank}]", force=show_progress, rank=rank):
             if store.is_done(grid_point, sample.id):
                 skipped += 1
                 continue
