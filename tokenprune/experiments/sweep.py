@@ -445,11 +445,8 @@ def _run(
         "metrics": list(config.metrics),
     }
     # a row's key: (grid point id, sample id); the id depends on the pipeline only
-    work = [
-        (grid_point_id({**pipe.to_dict(), "run": run_settings}, model_id), pipe, sample)
-        for _, pipe in pipelines
-        for sample in mine
-    ]
+    keyed = [(grid_point_id({**pipe.to_dict(), "run": run_settings}, model_id), pipe) for _, pipe in pipelines]
+    work = [(grid_point, pipe, sample) for grid_point, pipe in keyed for sample in mine]
     with ResultsStore.for_rank(config.output, rank) as store:
         pending = [item for item in work if not store.is_done(item[0], item[2].id)]
         if pending:  # one untimed run first: lazy imports and first-call set-up must not count
