@@ -130,7 +130,7 @@ def proportions(
 def build_processor() -> Any:
     """A ``LlavaNextProcessor`` at llava-v1.6 geometry with the byte-level tiny tokenizer."""
     import transformers
-    from tokenprune.adapters.tiny import TINY_CHAT_TEMPLATE, tiny_tokenizer
+    from tokenprune.tiny import TINY_CHAT_TEMPLATE, tiny_tokenizer
 
     images = transformers.LlavaNextImageProcessor(
         size={"shortest_edge": CROP_SIZE},

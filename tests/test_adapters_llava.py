@@ -10,7 +10,7 @@ from PIL import Image
 
 import tokenprune as tp
 from tokenprune.adapters.llava_next_partitioner import LlavaNextPartitioner
-from tokenprune.adapters.tiny import tiny_llava, tiny_llava_next
+from tokenprune.tiny import tiny_llava, tiny_llava_next
 
 
 def picture(width: int, height: int, seed: int) -> Image.Image:

@@ -14,7 +14,7 @@ from tokenprune.adapters.llava_next_partitioner import (
     LlavaNextPartitioner,
     tile_canvas_index,
 )
-from tokenprune.adapters.tiny import tiny_llava, tiny_llava_next
+from tokenprune.tiny import tiny_llava, tiny_llava_next
 
 transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")

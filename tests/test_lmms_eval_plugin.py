@@ -26,7 +26,7 @@ from lmms_eval.api.instance import Instance
 from PIL import Image
 
 from tokenprune import ConfigError, IncompatibleError, TokenpruneError
-from tokenprune.adapters.tiny import save_tiny, tiny_llava_next
+from tokenprune.tiny import save_tiny, tiny_llava_next
 from tokenprune.experiments.lmms_eval_plugin import parse_model_args, parse_value
 
 FAKE_DIST = "tokenprune_lmms_plugin_test-0.0.dist-info"

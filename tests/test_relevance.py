@@ -560,7 +560,7 @@ def test_needs_for(hf_scorer: HFClipScorer, hf_clip: Any) -> None:
 
 
 def test_fast_path_with_a_tiny_llava_next_tower(hf_tokenizer: Any) -> None:
-    from tokenprune.adapters.tiny import tiny_llava_next
+    from tokenprune.tiny import tiny_llava_next
 
     vlm, processor = tiny_llava_next()
     tower = vlm.model.vision_tower

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from tokenprune.adapters.tiny import save_tiny, tiny_llava
+from tokenprune.tiny import save_tiny, tiny_llava
 from tokenprune.cli import main
 
 

@@ -23,7 +23,7 @@ from tokenprune.adapters.sharegpt4v_convert import (
     convert_sharegpt4v,
     main,
 )
-from tokenprune.adapters.tiny import tiny_llava, tiny_tokenizer
+from tokenprune.tiny import tiny_llava, tiny_tokenizer
 
 from tokenprune import ConfigError, IncompatibleError
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tokenprune import ConfigError
-from tokenprune.adapters.tiny import (
+from tokenprune.tiny import (
     TINY_CHAT_TEMPLATE,
     TINY_CROP_SIZE,
     TINY_PATCH_SIZE,

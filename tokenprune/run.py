@@ -93,7 +93,7 @@ def _model_image_pipeline(args: argparse.Namespace) -> tuple[Any, Any, str, Any,
         model, processor, detected = load_model(args.model, device=device, dtype=DTYPES[args.dtype])
         source = f"checkpoint {args.model}"
     else:
-        from tokenprune.adapters.tiny import tiny_llava_next
+        from tokenprune.tiny import tiny_llava_next
 
         model, processor = tiny_llava_next(seed=args.seed)
         model = model.to(device)

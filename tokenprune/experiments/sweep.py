@@ -326,7 +326,7 @@ class _Ranks:
 
 def _load(config: SweepConfig, device: str) -> tuple[Any, Any, str, str]:
     if config.model == "builtin":
-        from tokenprune.adapters.tiny import tiny_llava_next
+        from tokenprune.tiny import tiny_llava_next
 
         model, processor = tiny_llava_next(seed=config.seed)
         return model.to(device), processor, "llava_next", "builtin:tiny-llava-next"
