@@ -376,3 +376,11 @@ def test_lmms_eval_models_lists_the_plugin_models(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines() if line.strip()}
     assert rows.get("tokenprune_llava_next") == ["simple"] and rows.get("tokenprune_llava") == ["simple"], done.stdout
+
+
+def test_the_installed_filelock_is_one_lmms_eval_can_patch() -> None:
+    """lmms-eval (0.7.1 and later) patches ``filelock._api.FileLockMeta`` as every evaluation
+    starts; filelock 4 removed that module, and every evaluation then dies there while
+    lmms-eval exits 0. The ``lmms`` extra pins ``filelock<4``."""
+    api = importlib.import_module("filelock._api")
+    assert callable(api.FileLockMeta.__call__)
