@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .adapter import TowerAdapter, VLMAdapter
 from .budget import Budget, parse_budget
 from .contracts import Adapter, BudgetAllocator, Layout, Needs, Selection, Selector, Signals
 from .errors import ConfigError, ContractError
@@ -89,6 +90,19 @@ def _build_part(
         f"{registry.stage} must be a registered name, a preset name, a config dict or a "
         f"tokenprune.{kind.__name__} instance; got {type(spec).__name__}"
     )
+
+
+def _check_strings(name: str, value: Any, *, optional: bool) -> None:
+    """``value`` is a string or a non-empty list/tuple of strings (or None when optional)."""
+    if value is None and optional:
+        return
+    if isinstance(value, str):
+        return
+    if isinstance(value, (list, tuple)) and value and all(isinstance(item, str) for item in value):
+        return
+    allowed = "a string or a non-empty list of strings" + (" (or None)" if optional else "")
+    shown = [type(item).__name__ for item in value] if isinstance(value, (list, tuple)) else type(value).__name__
+    raise ConfigError(f"{name} must be {allowed}, got {shown}")
 
 
 class Pipeline:
@@ -259,10 +273,10 @@ class Pipeline:
             )
 
     # ------------------------------------------------------------------ models
-    def _model_adapter(self, method: str) -> Any:
+    def _vlm_adapter(self, method: str) -> VLMAdapter:
         adapter = self.adapter
-        if adapter is None or not hasattr(adapter, method):
-            have = "no adapter" if adapter is None else f"adapter {self._part_label('adapter')}"
+        if not isinstance(adapter, VLMAdapter):
+            have = "no adapter" if adapter is None else f"adapter {self.part_label('adapter')}"
             raise ConfigError(
                 f"Pipeline.{method} needs a VLM adapter (e.g. adapter='llava_next', 'llava' or "
                 f"'sharegpt4v'); this pipeline has {have}"
@@ -276,12 +290,15 @@ class Pipeline:
 
         Runs the vision tower once with the attention tap, allocates, selects, projects the
         kept features, and tokenizes ``text`` with exactly ``K`` image placeholders per
-        image (left padding). Per-image stats land in :attr:`last_stats`. ``question``: what
+        image (left padding). Per-image stats land in :attr:`last_stats` (emptied first, so
+        a failed call never leaves the previous call's stats behind). ``question``: what
         prompt-relevance strategies score against (default: ``text`` without image tokens).
         """
-        return self._model_adapter("prepare").prepare(
-            self, model, processor, images, text, question=question, **tokenizer_kwargs
-        )
+        adapter = self._vlm_adapter("prepare")
+        self.record_images([])
+        _check_strings("text", text, optional=False)
+        _check_strings("question", question, optional=True)
+        return adapter.prepare(self, model, processor, images, text, question=question, **tokenizer_kwargs)
 
     def attach(self, model: Any, processor: Any) -> AbstractContextManager[None]:
         """Context manager: the processor and model prune on their own while inside.
@@ -290,7 +307,7 @@ class Pipeline:
         harnesses). Per-instance, removable, signature-preserving wrappers; leaving the
         context restores both exactly. Needs a fixed per-image token count.
         """
-        return self._model_adapter("attach").attach(self, model, processor)
+        return self._vlm_adapter("attach").attach(self, model, processor)
 
     @property
     def last_stats(self) -> list[Any]:
@@ -303,7 +320,9 @@ class Pipeline:
         selection, LLM-space embeddings and stats."""
         return list(self.__dict__.get("_last_images", []))
 
-    def _record(self, images: Sequence[Any]) -> None:
+    def record_images(self, images: Sequence[Any]) -> None:
+        """Adapters: make ``images`` (one :class:`~tokenprune.ImageTokens` each) what
+        :attr:`last_images` / :attr:`last_stats` report."""
         self.__dict__["_last_images"] = list(images)
 
     # ------------------------------------------------------------------ towers
@@ -318,21 +337,27 @@ class Pipeline:
         consecutive crops). Extra keyword arguments (``relevance=``, ``prompt=``) go to the
         adapter. Returns, per image, the kept features, their indices and stats.
         """
-        prune = getattr(self.adapter, "prune", None)
-        if prune is None:
-            have = "no adapter" if self.adapter is None else f"adapter {self._part_label('adapter')}"
+        adapter = self.adapter
+        if not isinstance(adapter, TowerAdapter):
+            have = "no adapter" if adapter is None else f"adapter {self.part_label('adapter')}"
             raise ConfigError(
                 f"Pipeline.prune needs an adapter that prunes bare towers, e.g. adapter='vision_tower'; "
                 f"this pipeline has {have}"
             )
-        return prune(self, tower, pixel_values, layouts, **kwargs)
+        return adapter.prune(self, tower, pixel_values, layouts, **kwargs)
 
     # ------------------------------------------------------------------ config
-    def _part_label(self, part: str) -> str:
+    def part_label(self, part: str) -> str:
+        """How error messages name ``part`` (``"adapter"``, ``"allocator"``, ``"selector"``):
+        its registered name quoted, or its class name for a ready-made instance."""
+        if part not in _PARTS:
+            raise ConfigError(f"part must be one of {', '.join(_PARTS)}, got {part!r}")
         name = getattr(self, f"_{part}_name")
         if name is not None:
             return repr(name)
         return type(getattr(self, part)).__name__
+
+    _part_label = part_label  # old private name: apply_batch and tokenprune.run still use it
 
     def _part_config(self, part: str) -> dict[str, Any] | None:
         instance = getattr(self, part)
