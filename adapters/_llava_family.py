@@ -33,14 +33,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tokenprune.adapter import ImageTokens, OrderedTokens, VLMAdapter
-from tokenprune.contracts import BudgetAllocator, Layout, Selection, Selector, Signals
+from tokenprune.contracts import BudgetAllocator, Layout, Selector, Signals
 from tokenprune.errors import ConfigError, IncompatibleError, TokenpruneError
 from tokenprune.tower import prune_batch
 
 if TYPE_CHECKING:
     from tokenprune.pipeline import Pipeline
 
-__all__ = ["LlavaFamilyAdapter", "ImageTokens", "LlavaImageStats"]
+__all__ = ["ImageTokens", "LlavaFamilyAdapter", "LlavaImageStats"]
 
 _MISSING = object()
 #: Relevance scorers loaded from spec strings, shared by every adapter instance.
@@ -219,7 +219,11 @@ class LlavaFamilyAdapter(VLMAdapter):
                 "give the adapter a scorer: relevance_scorer='hf:/path/to/clip' (a local CLIPModel "
                 "checkpoint), 'open_clip:MODEL_NAME:/path/to/weights', or a RelevanceScorer instance"
             )
-        from tokenprune.adapters.relevance import HFClipScorer, OpenClipScorer, RelevanceScorer
+        from tokenprune.adapters.relevance import (
+            HFClipScorer,
+            OpenClipScorer,
+            RelevanceScorer,
+        )
 
         if isinstance(spec, RelevanceScorer):
             return spec
@@ -523,8 +527,15 @@ def _as_list(images: Any, what: str) -> list[Any]:
         flat = [image for item in images for image in (item if isinstance(item, (list, tuple)) else [item])]
         if not flat:
             raise ConfigError(f"{what} is an empty list")
-        return flat
-    return [images]
+    else:
+        flat = [images]
+    for index, image in enumerate(flat):
+        if getattr(image, "ndim", 0) > 3:
+            raise ConfigError(
+                f"{what}[{index}] is a {image.ndim}-D array of shape {tuple(image.shape)}, a stacked batch; "
+                "pass a list with one image per image token (a PIL image or a [C, H, W] / [H, W, C] array)"
+            )
+    return flat
 
 
 def _insert_rows(embeddings: torch.Tensor, after: torch.Tensor, row: torch.Tensor | None) -> torch.Tensor:

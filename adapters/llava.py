@@ -110,6 +110,8 @@ class LlavaAdapter(LlavaFamilyAdapter):
         partitioner = self.partitioner(model)
         crops = list(pixel_values.split(1))
         sizes = list(image_sizes) if image_sizes is not None else [None] * len(crops)
+        if len(sizes) != len(crops):
+            raise ConfigError(f"pixel_values hold {len(crops)} images but {len(sizes)} image sizes were given")
         return crops, [partitioner.layout(size) for size in sizes], [None] * len(crops)
 
     def partitioner(self, model: Any, processor: Any = None) -> SingleCropPartitioner:

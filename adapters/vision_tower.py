@@ -31,7 +31,7 @@ from .taps import check_needs, resolve_feature_layer, tap_for
 if TYPE_CHECKING:
     from tokenprune.pipeline import ImageStats, Pipeline
 
-__all__ = ["VisionTower", "TowerPruneOutput"]
+__all__ = ["TowerPruneOutput", "VisionTower"]
 
 
 @dataclass(frozen=True, eq=False)

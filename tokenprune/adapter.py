@@ -44,7 +44,7 @@ from .contracts import Adapter, Layout, Partitioner, Selection
 if TYPE_CHECKING:
     from .pipeline import Pipeline
 
-__all__ = ["Adapter", "VLMAdapter", "TowerAdapter", "OrderedTokens", "ImageTokens"]
+__all__ = ["Adapter", "ImageTokens", "OrderedTokens", "TowerAdapter", "VLMAdapter"]
 
 
 @dataclass(frozen=True)

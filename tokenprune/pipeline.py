@@ -12,7 +12,6 @@ Without an adapter it runs at the strategy level on a given ``Layout`` and ``Sig
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -22,11 +21,20 @@ import torch
 
 from .adapter import TowerAdapter, VLMAdapter
 from .budget import Budget, parse_budget
-from .contracts import Adapter, BudgetAllocator, Layout, Needs, Selection, Selector, Signals
+from .contracts import (
+    Adapter,
+    BudgetAllocator,
+    Layout,
+    Needs,
+    Selection,
+    Selector,
+    Signals,
+)
 from .errors import ConfigError, ContractError
+from .overrides import apply_overrides, split_config
 from .registry import ADAPTERS, ALLOCATORS, SELECTORS, Registry
 
-__all__ = ["Pipeline", "PruneResult", "ImageStats"]
+__all__ = ["ImageStats", "Pipeline", "PruneResult"]
 
 _PARTS = ("adapter", "allocator", "selector")
 
@@ -69,23 +77,12 @@ class PruneResult:
     stats: ImageStats
 
 
-def _build_part(
-    registry: Registry[Any], spec: object, options: Mapping[str, Any], kind: type
-) -> tuple[Any, str | None]:
+def _build_part(registry: Registry[Any], spec: object, kind: type) -> tuple[Any, str | None]:
     """Instance and the name it was built from (``None`` for a given instance)."""
     if isinstance(spec, kind):
-        if options:
-            raise ConfigError(
-                f"{registry.stage} options {sorted(options)} were given with a ready-made "
-                f"{registry.stage} instance; set them on the instance instead"
-            )
         return spec, None
-    if isinstance(spec, str):
-        return registry.build(spec, **options), spec
     if isinstance(spec, Mapping):
-        config = dict(spec)
-        name = config.get("name")
-        return registry.build(config, **options), name
+        return registry.build(spec), spec.get("name")
     raise ConfigError(
         f"{registry.stage} must be a registered name, a preset name, a config dict or a "
         f"tokenprune.{kind.__name__} instance; got {type(spec).__name__}"
@@ -127,66 +124,32 @@ class Pipeline:
         *,
         allocator: str | Mapping[str, Any] | BudgetAllocator,
         selector: str | Mapping[str, Any] | Selector,
-        budget: float | int | str | Budget,
+        budget: float | str | Budget,
         adapter_options: Mapping[str, Any] | None = None,
         allocator_options: Mapping[str, Any] | None = None,
         selector_options: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> None:
         self.budget: Budget = parse_budget(budget)
-        specs = {"adapter": adapter, "allocator": allocator, "selector": selector}
-        per_part = {
-            "adapter": dict(adapter_options or {}),
-            "allocator": dict(allocator_options or {}),
-            "selector": dict(selector_options or {}),
-        }
-        self._route(options, specs, per_part)
+        keys: dict[str, Any] = {}
+        for part, part_options in (
+            ("adapter", adapter_options),
+            ("allocator", allocator_options),
+            ("selector", selector_options),
+        ):
+            keys.update({f"{part}.{name}": value for name, value in (part_options or {}).items()})
+        keys.update(options)
+        config = apply_overrides({"adapter": adapter, "allocator": allocator, "selector": selector}, keys)
         self.allocator: BudgetAllocator
         self.selector: Selector
         self.adapter: Adapter | None
-        self.allocator, self._allocator_name = _build_part(
-            ALLOCATORS, allocator, per_part["allocator"], BudgetAllocator
-        )
-        self.selector, self._selector_name = _build_part(SELECTORS, selector, per_part["selector"], Selector)
-        if adapter is None:
-            if per_part["adapter"]:
-                raise ConfigError("adapter options were given without an adapter")
+        self.allocator, self._allocator_name = _build_part(ALLOCATORS, config["allocator"], BudgetAllocator)
+        self.selector, self._selector_name = _build_part(SELECTORS, config["selector"], Selector)
+        if config["adapter"] is None:
             self.adapter, self._adapter_name = None, None
         else:
-            self.adapter, self._adapter_name = _build_part(ADAPTERS, adapter, per_part["adapter"], Adapter)
+            self.adapter, self._adapter_name = _build_part(ADAPTERS, config["adapter"], Adapter)
             self.adapter.check_parts(self.allocator, self.selector)
-
-    @staticmethod
-    def _route(options: dict[str, Any], specs: dict[str, Any], per_part: dict[str, dict[str, Any]]) -> None:
-        registries = {"adapter": ADAPTERS, "allocator": ALLOCATORS, "selector": SELECTORS}
-        accepted: dict[str, tuple[str, ...]] = {}
-        for part, spec in specs.items():
-            name = spec.get("name") if isinstance(spec, Mapping) else spec
-            if isinstance(name, str):
-                accepted[part] = registries[part].entry(name).option_names() or ()
-        for key, value in options.items():
-            owners = [part for part, names in accepted.items() if key in names]
-            if len(owners) == 1:
-                part_options = per_part[owners[0]]
-                if key in part_options and part_options[key] != value:
-                    raise ConfigError(
-                        f"option {key!r} is given twice with different values: {key}={value!r} and "
-                        f"{owners[0]}_options={{{key!r}: {part_options[key]!r}}}; give it once"
-                    )
-                part_options[key] = value
-                continue
-            if len(owners) > 1:
-                raise ConfigError(
-                    f"option {key!r} is taken by both the {' and the '.join(owners)}; pass it as "
-                    + " or ".join(f"{p}_options={{{key!r}: ...}}" for p in owners)
-                )
-            everything = sorted({n for names in accepted.values() for n in names})
-            close = difflib.get_close_matches(key, everything, n=3, cutoff=0.5)
-            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise ConfigError(
-                f"no part of this pipeline takes option {key!r}.{hint} "
-                f"Options: {', '.join(everything) or '(none)'}."
-            )
 
     # ------------------------------------------------------------------ properties
     @property
@@ -380,21 +343,24 @@ class Pipeline:
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> Pipeline:
-        """Rebuild from :meth:`to_dict` output (or a hand-written config of the same shape)."""
+        """Rebuild from :meth:`to_dict` output (or a hand-written config of the same shape).
+
+        Besides ``adapter``/``allocator``/``selector``/``budget`` the config may hold the
+        override keys of :func:`tokenprune.overrides.apply_overrides` (``allocator.alpha``,
+        or a bare option name routed to the part that takes it).
+        """
         if not isinstance(config, Mapping):
             raise ConfigError(f"a pipeline config must be a mapping, got {type(config).__name__}")
-        allowed = {"adapter", "allocator", "selector", "budget"}
-        unknown = sorted(set(config) - allowed)
-        if unknown:
-            raise ConfigError(f"unknown pipeline config keys {unknown}; allowed: {sorted(allowed)}")
-        missing = sorted({"allocator", "selector", "budget"} - set(config))
+        structure, keys = split_config(config)
+        missing = sorted({"allocator", "selector", "budget"} - set(structure))
         if missing:
             raise ConfigError(f"pipeline config is missing {missing}")
+        resolved = apply_overrides(structure, keys)
         return cls(
-            adapter=config.get("adapter"),
-            allocator=config["allocator"],
-            selector=config["selector"],
-            budget=config["budget"],
+            adapter=resolved["adapter"],
+            allocator=resolved["allocator"],
+            selector=resolved["selector"],
+            budget=resolved["budget"],
         )
 
     def __eq__(self, other: object) -> bool:

@@ -32,7 +32,7 @@ from .errors import ContractError, TokenpruneError
 if TYPE_CHECKING:
     from .pipeline import Pipeline, PruneResult
 
-__all__ = ["PrunedImage", "prune_batch", "split_by_layouts", "kept_features"]
+__all__ = ["PrunedImage", "kept_features", "prune_batch", "split_by_layouts"]
 
 
 @dataclass(frozen=True, eq=False)
