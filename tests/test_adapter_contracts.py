@@ -10,23 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import tokenprune as tp
 from tokenprune.tiny import TINY_VISION_LAYERS, tiny_llava, tiny_llava_next
 
+from .test_adapters_llava import chat, picture
+
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-
-
-def picture(width: int, height: int, seed: int) -> Image.Image:
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
-    return Image.fromarray(pixels.numpy())
-
-
-def chat(processor, question: str = "What is in the image?") -> str:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
 @pytest.fixture(scope="module")

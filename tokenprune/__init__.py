@@ -15,7 +15,6 @@ from .compat import ensure_torchvision_importable
 
 ensure_torchvision_importable()
 
-from .adapter import ImageTokens, OrderedTokens, TowerAdapter, VLMAdapter  # noqa: E402
 from .budget import Budget, apportion, parse_budget, quota  # noqa: E402
 from .contracts import (  # noqa: E402
     Adapter,
@@ -58,7 +57,6 @@ from .registry import (  # noqa: E402
     register_preset,
     register_selector,
 )
-from .tower import PrunedImage, prune_batch  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -76,16 +74,13 @@ __all__ = [
     "DuplicateNameError",
     "ImageStats",
     "ImageTokens",
-    "ImageTokens",
     "IncompatibleError",
     "Layout",
     "Needs",
     "OrderedTokens",
-    "OrderedTokens",
     "Partitioner",
     "Pipeline",
     "PruneResult",
-    "PrunedImage",
     "PrunedImage",
     "RegistryError",
     "Selection",
@@ -94,9 +89,7 @@ __all__ = [
     "Signals",
     "TokenpruneError",
     "TowerAdapter",
-    "TowerAdapter",
     "UnknownNameError",
-    "VLMAdapter",
     "VLMAdapter",
     "apportion",
     "build_adapter",
@@ -108,7 +101,6 @@ __all__ = [
     "list_selectors",
     "load_plugins",
     "parse_budget",
-    "prune_batch",
     "prune_batch",
     "quota",
     "register_adapter",

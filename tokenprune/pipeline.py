@@ -15,28 +15,21 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from .adapter import TowerAdapter, VLMAdapter
 from .budget import Budget, parse_budget
-from .contracts import (
-    Adapter,
-    BudgetAllocator,
-    Layout,
-    Needs,
-    Selection,
-    Selector,
-    Signals,
-)
+from .contracts import Adapter, BudgetAllocator, Layout, Needs, Selection, Selector, Signals
 from .errors import ConfigError, ContractError
 from .overrides import apply_overrides, split_config
 from .registry import ADAPTERS, ALLOCATORS, SELECTORS, Registry
 
-__all__ = ["ImageStats", "Pipeline", "PruneResult"]
+__all__ = ["Pipeline", "PruneResult", "ImageStats"]
 
 _PARTS = ("adapter", "allocator", "selector")
+_A = TypeVar("_A", bound=Adapter)
 
 
 @dataclass(frozen=True)
@@ -236,15 +229,16 @@ class Pipeline:
             )
 
     # ------------------------------------------------------------------ models
-    def _vlm_adapter(self, method: str) -> VLMAdapter:
+    def _adapter_of(self, kind: type[_A], method: str, wanted: str) -> _A:
+        """The adapter, if it implements the contract ``method`` needs; else a ConfigError."""
         adapter = self.adapter
-        if not isinstance(adapter, VLMAdapter):
+        if not isinstance(adapter, kind):
             have = "no adapter" if adapter is None else f"adapter {self.part_label('adapter')}"
-            raise ConfigError(
-                f"Pipeline.{method} needs a VLM adapter (e.g. adapter='llava_next', 'llava' or "
-                f"'sharegpt4v'); this pipeline has {have}"
-            )
+            raise ConfigError(f"Pipeline.{method} needs {wanted}; this pipeline has {have}")
         return adapter
+
+    def _vlm_adapter(self, method: str) -> VLMAdapter:
+        return self._adapter_of(VLMAdapter, method, "a VLM adapter (e.g. adapter='llava_next', 'llava' or 'sharegpt4v')")
 
     def prepare(
         self, model: Any, processor: Any, *, images: Any, text: Any, question: Any = None, **tokenizer_kwargs: Any
@@ -300,13 +294,7 @@ class Pipeline:
         consecutive crops). Extra keyword arguments (``relevance=``, ``prompt=``) go to the
         adapter. Returns, per image, the kept features, their indices and stats.
         """
-        adapter = self.adapter
-        if not isinstance(adapter, TowerAdapter):
-            have = "no adapter" if adapter is None else f"adapter {self.part_label('adapter')}"
-            raise ConfigError(
-                f"Pipeline.prune needs an adapter that prunes bare towers, e.g. adapter='vision_tower'; "
-                f"this pipeline has {have}"
-            )
+        adapter = self._adapter_of(TowerAdapter, "prune", "an adapter that prunes bare towers, e.g. adapter='vision_tower'")
         return adapter.prune(self, tower, pixel_values, layouts, **kwargs)
 
     # ------------------------------------------------------------------ config

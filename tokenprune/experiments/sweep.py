@@ -22,8 +22,8 @@ A config names a model, a dataset, a base pipeline and a grid; every grid point 
 Grid keys: ``adapter`` / ``allocator`` / ``selector`` (a name, preset name or config dict:
 replaces that part, options included), ``budget``, ``<part>.<option>`` (sets one
 option, after any part replacement) and a bare option name (routed to the one part that
-takes it): the grammar of :func:`tokenprune.overrides.apply_overrides`. Every grid point is validated before the first sample
-runs.
+takes it): the grammar of :func:`tokenprune.overrides.apply_overrides`. Every grid point
+is validated before the first sample runs.
 
 Results are one append-only JSONL row per (grid point, sample), flushed and fsynced: a
 restart skips what is done; a killed run restarted ends with every row exactly once. Under
