@@ -226,11 +226,10 @@ def test_preset_on_an_unregistered_base_names_its_origin(registry):
         registry.build("ghost@x")
 
 
-def test_a_failing_builtin_import_is_retried_not_left_half_loaded(monkeypatch):
-    import tokenprune.registry as registry_module
-
-    monkeypatch.setattr(registry_module, "_plugins_loaded", False)
-    monkeypatch.setattr(registry_module, "_BUILTIN_MODULES", ("tokenprune.no_such_module",))
+def test_a_failing_builtin_import_is_retried_not_left_half_loaded():
+    broken = Registry("selector", tp.Selector, ("tokenprune.no_such_module",))
     with pytest.raises(ModuleNotFoundError):
-        registry_module.load_plugins()
-    assert registry_module._plugins_loaded is False
+        broken.names()
+    assert broken._builtins_loaded is False
+    with pytest.raises(ModuleNotFoundError):  # retried, not silently empty
+        broken.names()

@@ -12,7 +12,6 @@ Without an adapter it runs at the strategy level on a given ``Layout`` and ``Sig
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import torch
 
 from .budget import Budget, parse_budget
 from .contracts import Adapter, BudgetAllocator, Layout, Needs, Selection, Selector, Signals
-from .errors import ConfigError, ContractError
+from .errors import ConfigError, ContractError, did_you_mean
 from .registry import ADAPTERS, ALLOCATORS, SELECTORS, Registry
 
 __all__ = ["Pipeline", "PruneResult", "ImageStats"]
@@ -167,10 +166,8 @@ class Pipeline:
                     + " or ".join(f"{p}_options={{{key!r}: ...}}" for p in owners)
                 )
             everything = sorted({n for names in accepted.values() for n in names})
-            close = difflib.get_close_matches(key, everything, n=3, cutoff=0.5)
-            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             raise ConfigError(
-                f"no part of this pipeline takes option {key!r}.{hint} "
+                f"no part of this pipeline takes option {key!r}.{did_you_mean(key, everything)} "
                 f"Options: {', '.join(everything) or '(none)'}."
             )
 
