@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from tokenprune.adapters.sharegpt4v_convert import (
+from tokenprune.tools.sharegpt4v import (
     VICUNA_V1_SYSTEM_PROMPT,
     CheckpointError,
-    _infer_vision_config,
     convert_sharegpt4v,
     main,
 )
+from tokenprune.tools.sharegpt4v.config import _infer_vision_config
 from tokenprune.tiny import tiny_llava, tiny_tokenizer
 
 from tokenprune import ConfigError, IncompatibleError
