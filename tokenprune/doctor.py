@@ -101,12 +101,10 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+_HELP = "versions, device and what tokenprune detected (generate path, attention taps): for bug reports"
+
+
 def add_doctor_parser(sub: Any) -> None:
-    parser = sub.add_parser(
-        "doctor",
-        help="versions, device and what tokenprune detected (generate path, attention taps): for bug reports",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.set_defaults(func=_cmd_doctor)
+    doctor = sub.add_parser("doctor", help=_HELP, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+    doctor.set_defaults(func=_cmd_doctor)
