@@ -26,8 +26,12 @@ from lmms_eval.api.instance import GenerationResult, Instance
 from PIL import Image
 
 from tokenprune import ConfigError, IncompatibleError, TokenpruneError
+from tokenprune.experiments.lmms_eval_plugin import (
+    _generated_counts,
+    parse_model_args,
+    parse_value,
+)
 from tokenprune.tiny import save_tiny, tiny_llava_next
-from tokenprune.experiments.lmms_eval_plugin import _generated_counts, parse_model_args, parse_value
 
 FAKE_DIST = "tokenprune_lmms_plugin_test-0.0.dist-info"
 ENTRY_POINTS = "[lmms_eval.models]\ntokenprune = tokenprune.experiments.lmms_eval_plugin:lmms_eval_models\n"

@@ -204,8 +204,6 @@ def parse_model_args(arg_string: str) -> dict[str, Any]:
     return args
 
 
-
-
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, str) and _INT.fullmatch(value.strip()):
         value = int(value)
