@@ -301,7 +301,7 @@ class _LayerAttention:
             # float32 logits and softmax whatever the tower's dtype (.float() is free in float32).
             spread = _spread(heads, width, self.head_scale, self.per_head, self.wide, key.device)  # [H', H]
             query = query.float()
-            if key.transpose(1, 2).is_contiguous():  # head-major keys (timm, open_clip Attention)
+            if not key.is_contiguous() and key.transpose(1, 2).is_contiguous():  # head-major (timm, open_clip)
                 dots = torch.matmul(query.unsqueeze(2), key.transpose(1, 2).float().transpose(2, 3))  # [B, H, 1, L]
                 logits = torch.matmul(spread, dots.squeeze(2))  # [B, H', L]
             else:  # token-major keys (transformers, MultiheadAttention): one bmm over [B, D, L]
