@@ -15,8 +15,10 @@ import collections
 import os
 import platform
 import statistics
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -34,6 +36,7 @@ __all__ = [
     "environment",
     "load_average",
     "markdown_table",
+    "quiet_stderr",
     "rotated",
     "setup",
     "sync",
@@ -131,6 +134,20 @@ class OpCounter(TorchDispatchMode):
         with torch.no_grad(), counter:
             fn()
         return counter
+
+
+@contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Silence what C++ writes to fd 2 meanwhile (the profiler backend's start/stop lines)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def sync(device: torch.device) -> None:

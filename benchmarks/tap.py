@@ -27,12 +27,23 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-
-import tokenprune as tp
 from tokenprune.adapters.taps import tap_for
 
+import tokenprune as tp
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import VIT_L, OpCounter, Samples, base_parser, build_clip_tower, environment, markdown_table, rotated, setup, timed
+from _common import (
+    VIT_L,
+    OpCounter,
+    Samples,
+    base_parser,
+    build_clip_tower,
+    environment,
+    markdown_table,
+    rotated,
+    setup,
+    timed,
+)
 
 HIRED_NEEDS = tp.Needs(cls_attention={0, 22})
 FEATURE_LAYER = -2

@@ -3,20 +3,18 @@ set's smoke mode (benchmarks/gpu.sh --smoke on the CPU with tiny sizes)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from tokenprune.adapters.taps import tap_for
 
 import tokenprune as tp
-from tokenprune.adapters.taps import tap_for
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
-from _common import OpCounter, build_clip_tower  # noqa: E402
+from _common import OpCounter, build_clip_tower
 
 
 def test_op_counter_sees_kernels_views_and_host_reads() -> None:
@@ -52,3 +50,22 @@ def test_the_tap_adds_three_kernels_per_tapped_block_and_no_host_reads(wide: boo
     # softmax; features and rows are views, nothing is copied, nothing read on the host
     assert with_tap.kernels - base.kernels == 3 * 2
     assert with_tap.host_reads == base.host_reads == 0
+
+
+def test_gpu_set_smoke_mode_writes_every_table(tmp_path: Path) -> None:
+    """`benchmarks/gpu.sh --smoke` runs every GPU benchmark on the CPU with tiny sizes."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu.sh"), "--smoke", str(tmp_path)],
+        env=env, capture_output=True, text=True, check=False,
+    )
+    logs = {p.name: p.read_text()[-2000:] for p in tmp_path.glob("*.log")}
+    assert done.returncode == 0, (done.stdout, logs)
+    summary = (tmp_path / "summary.md").read_text()
+    for step in ("e2e", "strategies", "tap", "relevance"):
+        assert f"| {step} |" in summary and "| ok |" in summary
+        assert "|---|" in (tmp_path / f"{step}.md").read_text()  # a Markdown table came out
+    e2e = (tmp_path / "e2e.md").read_text()
+    assert "cudagraph: unavailable" in e2e  # reported, not raised, on a CPU
+    assert "images/s" in e2e and "TTFT − LLM" in e2e
+    assert "| B |" in (tmp_path / "strategies.md").read_text()
