@@ -26,6 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 T = TypeVar("T")
+K = TypeVar("K")
 
 __all__ = [
     "OpCounter",
@@ -34,6 +35,7 @@ __all__ = [
     "build_clip_tower",
     "clip_vit_config",
     "environment",
+    "interleaved",
     "load_average",
     "markdown_table",
     "quiet_stderr",
@@ -47,15 +49,36 @@ __all__ = [
 VIT_L = {"width": 1024, "layers": 24, "image_size": 336, "patch_size": 14}
 
 
-def base_parser(description: str, *, repeats: int = 3, warmup: int = 1) -> argparse.ArgumentParser:
-    """The flags every benchmark takes: device, dtype, repeats, warm-up rounds, CPU threads."""
+def base_parser(
+    description: str, *flags: tuple[str, type, Any, str], repeats: int = 3, warmup: int = 1
+) -> argparse.ArgumentParser:
+    """The flags every benchmark takes (device, dtype, repeats, warm-up rounds, CPU threads),
+    then the benchmark's own ``flags``: ``(name, type, default, help)`` each."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=repeats, help="timed rounds (every variant once each)")
     parser.add_argument("--warmup", type=int, default=warmup, help="untimed rounds first")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    for name, kind, default, text in flags:
+        parser.add_argument(name, type=kind, default=default, help=text)
     return parser
+
+
+def interleaved(
+    calls: dict[K, Callable[[], Any]], device: torch.device, *, warmup: int, repeats: int
+) -> dict[K, Samples]:
+    """Time every call once per round, in an order rotated each round, after ``warmup``
+    untimed rounds (at least one), under ``inference_mode``; the samples per call."""
+    samples = {key: Samples() for key in calls}
+    warmup = max(1, warmup)
+    with torch.inference_mode():
+        for round_index in range(warmup + repeats):
+            for key in rotated(list(calls), round_index):
+                wall, cpu, _ = timed(calls[key], device)
+                if round_index >= warmup:
+                    samples[key].add(wall, cpu)
+    return samples
 
 
 def setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:

@@ -51,6 +51,7 @@ from _common import (
     base_parser,
     clip_vit_config,
     environment,
+    interleaved,
     markdown_table,
     quiet_stderr,
     rotated,
@@ -227,6 +228,32 @@ class LLMClock:
             handle.remove()
 
 
+_IDS = "_input_ids"  # kept beside inputs_embeds for the token counts, never passed to the model
+
+
+def as_inputs_embeds(model: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """``prepare``'s output as ``inputs_embeds``: the pruned image embeddings scattered into the
+    image-token positions, as the model does with ``mm_encoder_outputs``. Every transformers
+    version accepts ``inputs_embeds``; ``mm_encoder_outputs`` is new in 5.18."""
+    outputs = inputs.get("mm_encoder_outputs")
+    if outputs is None:
+        return inputs
+    input_ids = inputs["input_ids"]
+    embeds = model.get_input_embeddings()(input_ids)
+    features = torch.cat(list(outputs["image"].pooler_output)).to(embeds.dtype)
+    mask = (input_ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+    return {
+        "inputs_embeds": embeds.masked_scatter(mask, features),
+        "attention_mask": inputs["attention_mask"],
+        _IDS: input_ids,
+    }
+
+
+def model_kwargs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """What the model's forward takes of ``inputs``."""
+    return {key: value for key, value in inputs.items() if key != _IDS}
+
+
 def cache_bytes(cache: Any) -> int:
     """Bytes held by a transformers cache's key and value tensors."""
     total = 0
@@ -329,22 +356,16 @@ class Variant:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = base_parser(__doc__.splitlines()[0], repeats=3)
-    parser.add_argument("--budgets", default="0.4,0.2,0.1", help="pruned budgets besides 100%% (fractions)")
-    parser.add_argument("--new-tokens", type=int, default=8, help="greedy decode steps after the prefill")
-    parser.add_argument("--image", default="672x672", help="image WIDTHxHEIGHT in pixels")
-    parser.add_argument("--vision-width", type=int, default=128, help="proxy tower width (ViT-L: 1024)")
-    parser.add_argument("--llm-width", type=int, default=2048, help="proxy LLM width (Vicuna-7B: 4096)")
-    parser.add_argument(
-        "--llm-layers", type=int, default=None, help="proxy LLM depth (default: matches the 7B vision/LLM FLOP ratio)"
-    )
-    parser.add_argument(
-        "--llm-modes",
-        default="eager,cudagraph",
-        help="LLM-only prefill modes over the same inputs_embeds: eager, cudagraph (CUDA only), compile",
-    )
-    parser.add_argument(
-        "--batch-sizes", default="1,4,8", help="images per call for the throughput rows (stock and 20%%); '' for none"
+    parser = base_parser(
+        __doc__.splitlines()[0],
+        ("--budgets", str, "0.4,0.2,0.1", "pruned budgets besides 100%% (fractions)"),
+        ("--new-tokens", int, 8, "greedy decode steps after the prefill"),
+        ("--image", str, "672x672", "image WIDTHxHEIGHT in pixels"),
+        ("--vision-width", int, 128, "proxy tower width (ViT-L: 1024)"),
+        ("--llm-width", int, 2048, "proxy LLM width (Vicuna-7B: 4096)"),
+        ("--llm-layers", int, None, "proxy LLM depth (default: matches the 7B vision/LLM FLOP ratio)"),
+        ("--llm-modes", str, "eager,cudagraph", "LLM-only prefill modes: eager, cudagraph (CUDA only), compile"),
+        ("--batch-sizes", str, "1,4,8", "images per call for the throughput rows (stock and 20%%); '' for none"),
     )
     parser.add_argument("--no-memory", action="store_true", help="do not measure peak memory")
     args = parser.parse_args(argv)
@@ -382,7 +403,11 @@ def main(argv: list[str] | None = None) -> None:
         pipe = tp.Pipeline(adapter="llava_next", allocator="hired", selector="cls_final", budget=budget, **options)
         label = f"{budget:.0%}" + (" (newline=row)" if budget == 1.0 else "")
         variants.append(
-            Variant(label, lambda p=pipe: p.prepare(model, processor, images=image, text=text), pipeline=pipe)
+            Variant(
+                label,
+                lambda p=pipe: as_inputs_embeds(model, p.prepare(model, processor, images=image, text=text)),
+                pipeline=pipe,
+            )
         )
     reference = variants[1]
 
@@ -400,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
                 prepare_wall, prepare_cpu, inputs = timed(variant.prepare, device)
 
                 def call(inputs: dict[str, Any] = inputs) -> Any:
-                    return model(**inputs, use_cache=True, logits_to_keep=1)
+                    return model(**model_kwargs(inputs), use_cache=True, logits_to_keep=1)
 
                 if round_index == 0:
                     clock.keep_embeds = True
@@ -409,8 +434,9 @@ def main(argv: list[str] | None = None) -> None:
                     variant.peak_bytes = peak
                     memory_measured = memory_measured and peak is not None
                     variant.kv_bytes = cache_bytes(out.past_key_values)
-                    variant.prefill_length = int(inputs["input_ids"].shape[1])
-                    variant.image_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
+                    token_ids = inputs.get("input_ids", inputs.get(_IDS))
+                    variant.prefill_length = int(token_ids.shape[1])
+                    variant.image_tokens = int((token_ids == model.config.image_token_id).sum())
                     prefill_wall = prefill_cpu = 0.0
                 else:
                     clock.active = True
@@ -477,13 +503,7 @@ def measure_llm_only(
         for mode in modes:
             try:
                 runners = {v.name: _llm_runner(language_model, v.embeds, mode, device) for v in variants}
-                samples = {name: Samples() for name in runners}
-                for round_index in range(max(1, warmup) + repeats):
-                    for name in rotated(list(runners), round_index):
-                        wall, cpu, _ = timed(runners[name], device)
-                        if round_index >= max(1, warmup):
-                            samples[name].add(wall, cpu)
-                results[mode] = samples
+                results[mode] = interleaved(runners, device, warmup=warmup, repeats=repeats)
             except Exception as error:  # noqa: BLE001  (a mode a version lacks is reported, not fatal)
                 results[mode] = f"unavailable: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
             finally:
@@ -546,18 +566,11 @@ def measure_batches(
         return inputs
 
     def pruned(batch: int) -> dict[str, Any]:
-        return pipe.prepare(model, processor, images=[image] * batch, text=[text] * batch)
+        return as_inputs_embeds(model, pipe.prepare(model, processor, images=[image] * batch, text=[text] * batch))
 
-    calls = {(name, b): (lambda f=f, b=b: model(**f(b), use_cache=True, logits_to_keep=1))
+    calls = {(name, b): (lambda f=f, b=b: model(**model_kwargs(f(b)), use_cache=True, logits_to_keep=1))
              for b in sizes for name, f in (("stock", stock), (f"{budget:.0%}", pruned))}
-    samples = {key: Samples() for key in calls}
-    with torch.inference_mode():
-        for round_index in range(max(1, args.warmup) + args.repeats):
-            for key in rotated(list(calls), round_index):
-                wall, cpu, _ = timed(calls[key], device)
-                if round_index >= max(1, args.warmup):
-                    samples[key].add(wall, cpu)
-    return samples
+    return interleaved(calls, device, warmup=args.warmup, repeats=args.repeats)
 
 
 def report_batches(samples: dict[tuple[str, int], Samples], budget: float) -> None:

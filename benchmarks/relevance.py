@@ -39,7 +39,16 @@ from tokenprune.adapters.relevance import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import OpCounter, Samples, base_parser, clip_vit_config, environment, markdown_table, rotated, setup, timed
+from _common import (
+    OpCounter,
+    base_parser,
+    clip_vit_config,
+    environment,
+    interleaved,
+    markdown_table,
+    setup,
+    timed,
+)
 
 PROMPT = "What is written on the red sign next to the bus stop, and which way does the arrow point?"
 
@@ -90,12 +99,14 @@ def _models(crop: int, layers: int, text_layers: int, dtype: torch.dtype, device
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = base_parser(__doc__.split("\n\n")[0], repeats=3)
-    parser.add_argument("--crops", type=int, default=5, help="partitions of the image (5 = 2x2 grid + thumbnail)")
-    parser.add_argument("--crop-size", type=int, default=336)
-    parser.add_argument("--layers", type=int, default=24, help="vision blocks (24 = ViT-L; fewer for a smoke run)")
-    parser.add_argument("--text-layers", type=int, default=12, help="text blocks (12 = CLIP-L; fewer for a smoke run)")
-    parser.add_argument("--batch", type=int, default=8, help="images per batch for the score_batch row")
+    parser = base_parser(
+        __doc__.split("\n\n")[0],
+        ("--crops", int, 5, "partitions of the image (5 = 2x2 grid + thumbnail)"),
+        ("--crop-size", int, 336, "crop side in pixels"),
+        ("--layers", int, 24, "vision blocks (24 = ViT-L; fewer for a smoke run)"),
+        ("--text-layers", int, 12, "text blocks (12 = CLIP-L; fewer for a smoke run)"),
+        ("--batch", int, 8, "images per batch for the score_batch row"),
+    )
     args = parser.parse_args(argv)
     device, dtype = setup(args)
 
@@ -131,13 +142,8 @@ def main(argv: list[str] | None = None) -> None:
             tower_cls=batch_cls,
         ),
     }
-    samples = {name: Samples() for name in steps}
+    samples = interleaved(steps, device, warmup=args.warmup, repeats=args.repeats)
     with torch.inference_mode():
-        for round_index in range(max(1, args.warmup) + args.repeats):
-            for name in rotated(list(steps), round_index):
-                wall, cpu, _ = timed(steps[name], device)
-                if round_index >= max(1, args.warmup):
-                    samples[name].add(wall, cpu)
         slow = scorer.score(pixels, PROMPT, **stats)
         assert scorer.last_path == SCORER_FORWARD
         fast = scorer.score(pixels, PROMPT, **stats, tower=tower, tower_cls=cls)

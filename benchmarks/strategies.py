@@ -182,18 +182,16 @@ def kept_tokens(result: object) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = base_parser(__doc__.splitlines()[0], repeats=3)
-    parser.add_argument("--inner", type=int, default=5, help="calls of every strategy per round")
-    parser.add_argument("--image", default="672x448", help="image WIDTHxHEIGHT in pixels (default 672x448)")
-    parser.add_argument("--heads", type=int, default=16, help="attention heads of the signals")
-    parser.add_argument("--width", type=int, default=1024, help="width of features, keys, CLS embeddings")
-    parser.add_argument(
-        "--tower-layers", type=int, default=TOWER_LAYERS, help="tower blocks (24 = ViT-L; fewer only for a smoke run)"
-    )
-    parser.add_argument("--target", type=float, default=0.5, help="target: strategy time <= this %% of the tower")
-    parser.add_argument("--only", default="*", help="comma-separated name patterns to time (default: all)")
-    parser.add_argument(
-        "--batch-sizes", default="1", help="images per call, e.g. 1,8: each row per batch, as %% of the tower on as many images"
+    parser = base_parser(
+        __doc__.splitlines()[0],
+        ("--inner", int, 5, "calls of every strategy per round"),
+        ("--image", str, "672x448", "image WIDTHxHEIGHT in pixels (default 672x448)"),
+        ("--heads", int, 16, "attention heads of the signals"),
+        ("--width", int, 1024, "width of features, keys, CLS embeddings"),
+        ("--tower-layers", int, TOWER_LAYERS, "tower blocks (24 = ViT-L; fewer only for a smoke run)"),
+        ("--target", float, 0.5, "target: strategy time <= this %% of the tower"),
+        ("--only", str, "*", "comma-separated name patterns to time (default: all)"),
+        ("--batch-sizes", str, "1", "images per call, e.g. 1,8: each row per batch, as %% of the tower on as many"),
     )
     args = parser.parse_args(argv)
     device, dtype = setup(args)

@@ -54,10 +54,12 @@ def _bytes(tensors: Iterable[torch.Tensor | None]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = base_parser(__doc__.splitlines()[0], repeats=3)
-    parser.add_argument("--crops", type=int, default=5, help="crops of 336 px (LLaVA-NeXT 2x2 + thumbnail: 5)")
-    parser.add_argument("--width", type=int, default=VIT_L["width"], help="tower width (ViT-L: 1024)")
-    parser.add_argument("--layers", type=int, default=VIT_L["layers"], help="tower blocks (>= 23: HiRED reads block 22)")
+    parser = base_parser(
+        __doc__.splitlines()[0],
+        ("--crops", int, 5, "crops of 336 px (LLaVA-NeXT 2x2 + thumbnail: 5)"),
+        ("--width", int, VIT_L["width"], "tower width (ViT-L: 1024)"),
+        ("--layers", int, VIT_L["layers"], "tower blocks (>= 23: HiRED reads block 22)"),
+    )
     parser.add_argument("--verbose", action="store_true", help="print every run's time")
     args = parser.parse_args(argv)
     device, dtype = setup(args)

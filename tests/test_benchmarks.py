@@ -3,6 +3,8 @@ set's smoke mode (benchmarks/gpu.sh --smoke on the CPU with tiny sizes)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
