@@ -15,8 +15,8 @@ point and averages them:
 - ``errors``: rows with an ``error``; they count in ``samples`` but hold no scores.
 
 Missing or ``null`` fields are skipped; a statistic with no values is ``None`` (shown as
-``–``). Rows repeating a key already seen are ignored (first wins, as in
-:func:`~tokenprune.experiments.merge`). :func:`write_report` writes everything at once.
+``–``). Of rows repeating a key the newest counts (:func:`~tokenprune.experiments.newest_rows`:
+the later ``finished_at``, else the first row, as in :func:`~tokenprune.experiments.merge`). :func:`write_report` writes everything at once.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .results import read_rows, row_key
+from .results import newest_rows, read_rows
 
 __all__ = [
     "GridPointSummary",
@@ -163,13 +163,8 @@ def summarize(rows: Iterable[Mapping[str, Any]] | str | os.PathLike[str]) -> lis
     if isinstance(rows, (str, os.PathLike)):
         rows = read_rows(rows)
     groups: dict[str, list[Mapping[str, Any]]] = {}
-    seen: set[tuple[str, str]] = set()
-    for row in rows:
-        key = row_key(row)
-        if key in seen:
-            continue
-        seen.add(key)
-        groups.setdefault(key[0], []).append(row)
+    for (grid_point, _), row in newest_rows(rows).items():
+        groups.setdefault(grid_point, []).append(row)
     grid_points = list(groups)
     first = [groups[g][0] for g in grid_points]
     configs = [row.get("config") if isinstance(row.get("config"), Mapping) else None for row in first]
