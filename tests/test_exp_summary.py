@@ -189,12 +189,12 @@ def test_plots_write_pngs(tmp_path: Path) -> None:
 
 def test_write_report(tmp_path: Path) -> None:
     written = write_report(_rows(), tmp_path / "report")
-    assert set(written) == {"markdown", "csv", "accuracy_vs_budget", "tokens_per_partition", "pareto"}
+    assert set(written) == {"markdown", "csv", "json", "accuracy_vs_budget", "tokens_per_partition", "pareto"}
     markdown = written["markdown"].read_text(encoding="utf-8")
     assert markdown.startswith("# Results") and "per category" in markdown
     for name in ("accuracy_vs_budget", "tokens_per_partition", "pareto"):
         _assert_png(written[name])
     partial = write_report([_row("gD", "s1", scores={"exact_match": 1.0})], tmp_path / "partial")
-    assert set(partial) == {"markdown", "csv", "accuracy_vs_budget"}  # plots without data are skipped
+    assert set(partial) == {"markdown", "csv", "json", "accuracy_vs_budget"}  # plots without data are skipped
     with pytest.raises(ConfigError, match="no result rows"):
         write_report([], tmp_path / "empty")
