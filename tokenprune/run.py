@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .experiments.validate import check_run_arguments
 from .pipeline import Pipeline
 
 __all__ = ["add_run_parser", "run", "show", "load_model"]
@@ -134,6 +135,7 @@ def _draw(pipe: Pipeline, model: Any, processor: Any, image: Any, out: str) -> P
 
 def show(args: argparse.Namespace) -> int:
     """``tokenprune show``: the kept-token picture for one image + prompt, any pipeline."""
+    check_run_arguments(args)  # every argument, before the checkpoint loads
     model, processor, source, image, image_name, pipe = _model_image_pipeline(args)
     with torch.inference_mode():
         pipe.prepare(model, processor, images=image, text=_prompt(processor, args.prompt), question=args.prompt)
@@ -147,10 +149,7 @@ def show(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .errors import ConfigError
-
-    if args.repeats < 1:
-        raise ConfigError(f"--repeats must be at least 1, got {args.repeats}")
+    check_run_arguments(args)  # every argument, before the checkpoint loads
     model, processor, source, image, image_name, pipe = _model_image_pipeline(args)
     device = next(model.parameters()).device
     if device.type == "cuda":

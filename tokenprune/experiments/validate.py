@@ -37,7 +37,7 @@ __all__ = [
 def check_positive_int(value: object, what: str) -> int:
     """``value`` as an int >= 1 (bools and strings refused)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{what} must be an int >= 1, got {value!r}")
+        raise ConfigError(f"{what} must be at least 1 (an int), got {value!r}")
     return value
 
 
@@ -179,13 +179,13 @@ def check_output_file(path: str | os.PathLike[str], what: str = "--out") -> Path
     from PIL import Image
 
     file = Path(path)
+    if file.is_dir():
+        raise ConfigError(f"{what} {file} is a folder; give a file name such as {file / 'kept.png'}")
     saveable = sorted(ext for ext, kind in Image.registered_extensions().items() if kind in Image.SAVE)
     if file.suffix.lower() not in saveable:
         raise ConfigError(
             f"{what} {file}: give a picture file name ending in .png (or {', '.join(e for e in ('.jpg', '.webp') if e in saveable)})"
         )
-    if file.is_dir():
-        raise ConfigError(f"{what} {file} is a folder; give a file name such as {file / 'kept.png'}")
     _writable_ancestor(file, what)
     return file
 
