@@ -212,3 +212,12 @@ def test_resumed_progress_bar_counts_only_this_runs_rows(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "ran 1, skipped 2 already done" in captured.out
     assert "2/3 [" in captured.err and "0/3 [" not in captured.err and "1/3 [" not in captured.err
+
+
+# ---------------------------------------------------------------- 10.6 docs
+def test_docs_name_limit_and_the_example_recommends_a_launch_the_sweep_accepts():
+    root = Path(__file__).resolve().parents[1]
+    docs = (root / "docs" / "ablations.md").read_text(encoding="utf-8")
+    assert "| `--limit N` |" in docs and "--skip-failed" in docs and "--mix-settings" in docs
+    launches = [line for line in (root / "examples" / "ablation.yaml").read_text().splitlines() if "accelerate launch" in line]
+    assert launches and all("--multi_gpu" in line and "--cpu" not in line for line in launches)
