@@ -128,11 +128,12 @@ def _describe_part(spec: Mapping[str, Any], varying: Sequence[str]) -> str:
     return f"{name}({', '.join(options)})" if options else name
 
 
-def _flat_settings(value: object, prefix: str = "") -> dict[str, str]:
+def flatten_settings(value: object, prefix: str = "") -> dict[str, str]:
+    """Nested settings as ``{"generation.num_beams": "2", ...}``, values as canonical JSON."""
     if isinstance(value, Mapping):
         flat: dict[str, str] = {}
         for key, item in value.items():
-            flat.update(_flat_settings(item, f"{prefix}{key}."))
+            flat.update(flatten_settings(item, f"{prefix}{key}."))
         return flat
     return {prefix[:-1]: json.dumps(value, sort_keys=True, default=str)} if prefix else {}
 
@@ -174,7 +175,7 @@ def strategy_labels(
     labels = ["+".join(piece) if config is not None else "?" for piece, config in zip(pieces, configs)]
     if len(set(models)) > 1:
         labels = [f"{label} [{model}]" for label, model in zip(labels, models)]
-    flat = [_flat_settings(item or {}) for item in (settings or [])]
+    flat = [flatten_settings(item or {}) for item in (settings or [])]
     varying = sorted(k for k in {k for f in flat for k in f} if len({f.get(k) for f in flat}) > 1)
     if varying:
         labels = [

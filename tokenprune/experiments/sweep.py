@@ -61,7 +61,7 @@ from .datasets import SHORT_ANSWER_PROMPT, Sample, load_samples, shard
 from .metrics import METRICS, score_all
 from .progress import progress
 from .results import ResultRow, ResultsStore, grid_point_id, merge
-from .summary import summarize, to_markdown, write_report
+from .summary import flatten_settings, summarize, to_markdown, write_report
 from .validate import (
     check_device,
     check_generation,
@@ -486,15 +486,6 @@ def _run_settings(config: SweepConfig) -> dict[str, Any]:
     }
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, Mapping):
-        flat: dict[str, Any] = {}
-        for key, item in value.items():
-            flat.update(_flatten(item, f"{prefix}{key}."))
-        return flat
-    return {prefix[:-1]: value}
-
-
 def _claim_folder(config: SweepConfig, run: dict[str, Any], ranks: _Ranks, mix_settings: bool) -> None:
     """Refuse a folder that holds rows of other settings (unless mixing), then record ours."""
     manifest = config.output / "sweep.json"
@@ -504,9 +495,9 @@ def _claim_folder(config: SweepConfig, run: dict[str, Any], ranks: _Ranks, mix_s
         raise ConfigError(f"{manifest} is damaged; move it away (it lists the settings of the folder's rows)") from None
     known = json.loads(json.dumps(run, default=str))
     if runs and known not in runs and not mix_settings:
-        before, now = _flatten(runs[-1]), _flatten(known)
+        before, now = flatten_settings(runs[-1]), flatten_settings(known)
         changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-        shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
+        shown = "; ".join(f"{k}: {before.get(k, 'unset')} -> {now.get(k, 'unset')}" for k in changed[:4])
         raise ConfigError(
             f"{config.output} holds results of other settings ({shown}); use another output folder, or pass "
             "--mix-settings to add these rows beside them (labelled by their settings)"
