@@ -166,7 +166,7 @@ def plot_tokens_per_partition(
     layouts = sorted(images, key=lambda layout: (-images[layout], layout))[:max_layouts]
     panels: list[tuple[str, list[str], list[list[float] | None]]] = [
         (
-            f"{len(layout) - 1 if layout[0] == 'thumbnail' else len(layout)} tiles, {images[layout]} image(s)",
+            f"{_grid_name(layout)}, {images[layout]} image(s)",
             list(layout),
             [list(s.tokens_per_layout[layout]) if layout in s.tokens_per_layout else None for s in chosen],
         )
@@ -184,7 +184,7 @@ def plot_tokens_per_partition(
     axes_list = figure.subplots(len(panels), 1, squeeze=False)[:, 0]
     colors = series_colors(len(chosen))
     width = 0.8 / len(chosen)
-    for axes, (heading, names, values_of) in zip(axes_list, panels):
+    for number, (axes, (heading, names, values_of)) in enumerate(zip(axes_list, panels)):
         for k, (s, values, color) in enumerate(zip(chosen, values_of, colors)):
             if values:
                 axes.bar(
@@ -195,14 +195,25 @@ def plot_tokens_per_partition(
                 )
         axes.set_xticks(range(len(names)), names, rotation=20 if len(names) > 5 else 0)
         axes.set_ylabel("tokens kept (mean)")
-        axes.set_title(heading, fontsize="medium")
+        axes.set_title(f"{title or 'tokens per partition'}: {heading}" if number == 0 else heading, fontsize="medium")
         axes.grid(True, axis="y", alpha=0.3)
     from matplotlib.patches import Patch
 
     handles = [Patch(color=color, label=f"{s.label} @ {s.budget_label}") for s, color in zip(chosen, colors)]
     figure.legend(handles=handles, fontsize="small", loc="outside right upper")
-    figure.suptitle(title or "tokens per partition, per tile grid")
     return _save(figure, path)
+
+
+def _grid_name(layout: Sequence[str]) -> str:
+    """``"2x2 grid"`` from tile names ``"tile r1c1"``; else the tile count."""
+    import re
+
+    cells = [re.fullmatch(r"tile r(\d+)c(\d+)", name) for name in layout if name != "thumbnail"]
+    if cells and all(cells):
+        rows = 1 + max(int(cell.group(1)) for cell in cells)  # type: ignore[union-attr]
+        cols = 1 + max(int(cell.group(2)) for cell in cells)  # type: ignore[union-attr]
+        return f"{rows}x{cols} grid"
+    return f"{len(cells)} tiles"
 
 
 def plot_pareto(
