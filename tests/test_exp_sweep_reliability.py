@@ -132,7 +132,7 @@ CONFIG_ERRORS = {
     "generation_typo": ({"generation": {"max_new_token": 3}}, "Did you mean 'max_new_tokens'"),
     "zero_tokens": ({"generation": {"max_new_tokens": 0}}, "generation.max_new_tokens must be at least 1"),
     "seed": ({"seed": "abc"}, "seed must be an int, got 'abc'"),
-    "dtype": ({"dtype": "float8"}, "dtype 'float8' is not one of"),
+    "dtype": ({"dtype": "float8"}, "dtype='float8' is not understood"),
     "scorer": ({"base": {**BASE, "allocator": "hero"}}, "need prompt relevance; give the adapter a scorer"),
 }
 

@@ -20,9 +20,10 @@ A config names a model, a dataset, a base pipeline and a grid; every grid point 
       budget: [0.1, 0.2]
 
 Grid keys: ``adapter`` / ``allocator`` / ``selector`` (a name, preset name or config dict:
-replaces that part, options included), ``budget``, and ``<part>.<option>`` (sets one
-option, after any part replacement). Every grid point is validated before the first sample
-runs.
+replaces that part, options included), ``budget``, ``<part>.<option>`` (sets one
+option, after any part replacement) and a bare option name (routed to the one part that
+takes it): the grammar of :func:`tokenprune.overrides.apply_overrides`. Every grid point
+is validated before the first sample runs.
 
 Everything is checked before the model loads: the grid, the prompt (``{question}`` is its
 only field), ``generation`` (names and values), ``seed``, ``device``, ``dtype``, the output
@@ -41,7 +42,6 @@ done. Ranks wait at most ``rendezvous_timeout`` seconds (default 300) for each o
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import os
@@ -56,7 +56,9 @@ import torch
 
 from ..cost import LLMShape, prefill_flops
 from ..errors import ConfigError, TokenpruneError
+from ..overrides import apply_overrides
 from ..pipeline import Pipeline
+from ..runtime import BUILTIN_MODEL, chat_prompt, default_device, load_model, parse_dtype, rank_from_env
 from .datasets import SHORT_ANSWER_PROMPT, Sample, load_samples, shard
 from .metrics import METRICS, score_all
 from .progress import progress
@@ -87,8 +89,6 @@ _TOP_KEYS = {
     "name", "model", "dataset", "output", "generation", "prompt", "metrics", "base", "grid", "device", "dtype",
     "seed", "rendezvous_timeout",
 }  # fmt: skip
-_DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
-_read = read_config_file  # the name tokenprune.run imports
 
 
 class RendezvousError(TokenpruneError, RuntimeError):
@@ -134,7 +134,7 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> SweepConf
         path = Path(source)
         if not path.is_file():
             raise ConfigError(f"sweep config {path} does not exist")
-        data, origin, folder = _read(path), str(path), path.parent
+        data, origin, folder = read_config_file(path), str(path), path.parent
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
         raise ConfigError(f"{origin}: unknown keys {unknown}; allowed: {sorted(_TOP_KEYS)}")
@@ -154,9 +154,10 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> SweepConf
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{origin}: grid key {key!r} needs a non-empty list of values, got {values!r}")
             part = key.split(".", 1)[0]
-            if key != "budget" and part not in _PARTS:
+            if "." in key and part not in _PARTS:
                 raise ConfigError(
-                    f"{origin}: grid key {key!r} must be 'budget', a part ({', '.join(_PARTS)}) or '<part>.<option>'"
+                    f"{origin}: grid key {key!r} must be 'budget', a part ({', '.join(_PARTS)}), "
+                    "'<part>.<option>' or an option name"
                 )
             entry[str(key)] = list(values)
         checked.append(entry)
@@ -180,8 +181,10 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> SweepConf
     if model != "builtin" and not (Path(model) / "config.json").is_file():
         raise ConfigError(f"{origin}: model {model}: no config.json there; give a local checkpoint folder or 'builtin'")
     dtype = data.get("dtype", "auto")
-    if dtype not in _DTYPE_NAMES:
-        raise ConfigError(f"{origin}: dtype {dtype!r} is not one of {', '.join(_DTYPE_NAMES)}")
+    try:
+        parse_dtype(dtype)
+    except ConfigError as error:
+        raise ConfigError(f"{origin}: {error}") from None
     seed = data.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"{origin}: seed must be an int, got {seed!r}")
@@ -209,24 +212,7 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> SweepConf
 
 
 def _apply(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    config = copy.deepcopy(dict(base))
-    for part in _PARTS:  # normalise parts to {"name": ..., **options}
-        value = config.get(part)
-        if isinstance(value, str):
-            config[part] = {"name": value}
-    # whole-part replacements first, then single options
-    for key, value in overrides.items():
-        if key in _PARTS:
-            config[key] = {"name": value} if isinstance(value, str) else dict(value)
-        elif key == "budget":
-            config["budget"] = value
-    for key, value in overrides.items():
-        if "." in key:
-            part, option = key.split(".", 1)
-            if not isinstance(config.get(part), Mapping):
-                raise ConfigError(f"grid key {key!r}: the base config has no {part}")
-            config[part][option] = value
-    return config
+    return apply_overrides(base, overrides)  # the one override grammar, shared with Pipeline and lmms-eval
 
 
 def grid_points(config: SweepConfig) -> list[GridPoint]:
@@ -290,29 +276,13 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-_RANK_VARIABLES = (
-    ("RANK", "WORLD_SIZE"),  # torchrun, i.e. accelerate launch --multi_gpu
-    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),  # accelerate's multi-CPU mode (mpirun)
-    ("PMI_RANK", "PMI_SIZE"),
-)
-
-
 class _Ranks:
     """This process's rank among the launcher's processes, and a barrier across them."""
 
     def __init__(self, rendezvous_timeout: float = 300.0) -> None:
         environ = os.environ
-        self.rank, self.world_size = 0, 1
-        for rank_name, size_name in _RANK_VARIABLES:
-            if rank_name in environ and size_name in environ:
-                try:
-                    self.rank, self.world_size = int(environ[rank_name]), int(environ[size_name])
-                except ValueError:
-                    raise ConfigError(
-                        f"{rank_name}={environ[rank_name]!r} and {size_name}={environ[size_name]!r} must be ints"
-                    ) from None
-                break
-        else:
+        self.rank, self.world_size = rank_from_env(environ)
+        if self.world_size == 1:
             if environ.get("MASTER_ADDR") and str(environ.get("ACCELERATE_USE_CPU", "")).lower() == "true":
                 raise ConfigError(
                     "accelerate launch --cpu with --num_processes > 1 starts a single process (accelerate's "
@@ -320,8 +290,6 @@ class _Ranks:
                     "'accelerate launch --multi_gpu --num_processes N -m tokenprune sweep CONFIG' (torchrun "
                     "processes, gloo), or pass --num_processes 1"
                 )
-        if not 0 <= self.rank < self.world_size:
-            raise ConfigError(f"rank {self.rank} is not in [0, world size {self.world_size})")
         self._group = False
         self._final: Any = None
         if self.world_size > 1:
@@ -342,7 +310,7 @@ class _Ranks:
                 "'accelerate launch --multi_gpu' or torchrun (they set it), or unset RANK/WORLD_SIZE for one process"
             )
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(torch.device(default_device(os.environ)))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         try:
             dist.init_process_group(
@@ -359,9 +327,7 @@ class _Ranks:
         self._final = dist.new_group(timeout=timedelta(days=2))
 
     def device(self) -> str:
-        if not torch.cuda.is_available():
-            return "cpu"
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if self.world_size > 1 else "cuda"
+        return default_device() if self.world_size > 1 else default_device({})
 
     def barrier(self, *, final: bool = False) -> None:
         if self.world_size > 1:
@@ -378,30 +344,15 @@ class _Ranks:
 
 
 def _load(config: SweepConfig, device: str) -> tuple[Any, Any, str, str]:
-    if config.model == "builtin":
-        from tokenprune.tiny import tiny_llava_next
-
-        model, processor = tiny_llava_next(seed=config.seed)
-        return model.to(device), processor, "llava_next", "builtin:tiny-llava-next"
-    from ..run import DTYPES, load_model
-
-    if config.dtype not in DTYPES:
-        raise ConfigError(f"dtype {config.dtype!r} is not one of {', '.join(DTYPES)}")
-    model, processor, adapter = load_model(config.model, device=device, dtype=DTYPES[config.dtype])
-    return model, processor, adapter, str(Path(config.model).resolve())
-
-
-def _chat(processor: Any, question: str) -> str:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    if getattr(processor, "chat_template", None):
-        return processor.apply_chat_template(messages, add_generation_prompt=True)
-    return f"USER: {processor.image_token}\n{question} ASSISTANT:"
+    dtype = parse_dtype(config.dtype)
+    model, processor, adapter = load_model(config.model, device=device, dtype=dtype, seed=config.seed)
+    return model, processor, adapter, _model_id(config)
 
 
 def _evaluate(
     pipeline: Pipeline, model: Any, processor: Any, sample: Sample, config: SweepConfig, llm: LLMShape | None
 ) -> dict[str, Any]:
-    text = _chat(processor, config.prompt.format(question=sample.question))
+    text = chat_prompt(processor, config.prompt.format(question=sample.question))
     image = sample.load_image()
     generation = {"max_new_tokens": 16, "do_sample": False, **config.generation}
     if torch.cuda.is_available():
@@ -471,7 +422,7 @@ def run_sweep(
 
 
 def _model_id(config: SweepConfig) -> str:
-    return "builtin:tiny-llava-next" if config.model == "builtin" else str(Path(config.model).resolve())
+    return "builtin:tiny-llava-next" if config.model == BUILTIN_MODEL else str(Path(config.model).resolve())
 
 
 def _run_settings(config: SweepConfig) -> dict[str, Any]:

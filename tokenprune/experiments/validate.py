@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import os
 import string
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,31 +41,19 @@ def check_positive_int(value: object, what: str) -> int:
 
 
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A YAML (``.yaml``/``.yml``) or TOML config file's top-level mapping."""
+    """A YAML (``.yaml``/``.yml``) or TOML config file's top-level mapping; every problem
+    (missing, unreadable, not valid) is a one-line :class:`ConfigError`."""
+    from ..runtime import read_config_file as read
+
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"config {file} does not exist" if not file.exists() else f"config {file} is not a file")
     try:
-        text = file.read_text(encoding="utf-8")
+        return read(file)
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"config {file} cannot be read: {error}") from None
-    if file.suffix in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{file}: not valid YAML: {' '.join(str(error).split())}") from None
-    elif file.suffix == ".toml":
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"{file}: not valid TOML: {error}") from None
-    else:
-        raise ConfigError(f"{file}: a config must be .yaml, .yml or .toml")
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{file}: the top level must be a mapping, got {type(data).__name__}")
-    return dict(data)
+    except ConfigError as error:  # YAML errors span lines
+        raise ConfigError(" ".join(str(error).split())) from None
 
 
 def check_prompt(prompt: object, what: str = "prompt") -> str:
