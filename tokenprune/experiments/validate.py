@@ -7,7 +7,6 @@ the minutes a 7B checkpoint takes to load. Each raises a one-line
 
 from __future__ import annotations
 
-import difflib
 import os
 import string
 from collections.abc import Mapping
@@ -16,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, TokenpruneError
+from ..errors import ConfigError, TokenpruneError, did_you_mean
 from ..pipeline import Pipeline
 
 __all__ = [
@@ -94,8 +93,7 @@ def check_generation(generation: object, what: str = "generation") -> dict[str, 
     known = _generation_keys()
     for key, value in generation.items():
         if known and key not in known:
-            close = difflib.get_close_matches(str(key), sorted(known), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(key, sorted(known), n=1)
             raise ConfigError(f"{what}: {key!r} is not a generate() setting (transformers GenerationConfig).{hint}")
         if key in _INT_AT_LEAST_1:
             check_positive_int(value, f"{what}.{key}")
