@@ -189,12 +189,94 @@ def test_plots_write_pngs(tmp_path: Path) -> None:
 
 def test_write_report(tmp_path: Path) -> None:
     written = write_report(_rows(), tmp_path / "report")
-    assert set(written) == {"markdown", "csv", "accuracy_vs_budget", "tokens_per_partition", "pareto"}
+    assert set(written) == {"markdown", "csv", "json", "accuracy_vs_budget", "tokens_per_partition", "pareto"}
     markdown = written["markdown"].read_text(encoding="utf-8")
     assert markdown.startswith("# Results") and "per category" in markdown
     for name in ("accuracy_vs_budget", "tokens_per_partition", "pareto"):
         _assert_png(written[name])
     partial = write_report([_row("gD", "s1", scores={"exact_match": 1.0})], tmp_path / "partial")
-    assert set(partial) == {"markdown", "csv", "accuracy_vs_budget"}  # plots without data are skipped
+    assert set(partial) == {"markdown", "csv", "json", "accuracy_vs_budget"}  # plots without data are skipped
     with pytest.raises(ConfigError, match="no result rows"):
         write_report([], tmp_path / "empty")
+
+
+# ---------------------------------------------------------------- output a reader can trust
+def _svg_texts(path: Path) -> list[tuple[float, float, str]]:
+    import re
+
+    found = re.findall(r'<text [^>]*x="([-\d.]+)" y="([-\d.]+)"[^>]*>([^<]*)</text>', path.read_text(encoding="utf-8"))
+    return [(float(x), float(y), text) for x, y, text in found]
+
+
+def _any_row(grid_point: str, sample_id: str, **fields: Any) -> dict[str, Any]:
+    return {"grid_point": grid_point, "sample_id": sample_id, "model": "m", **fields}
+
+
+def _timed_rows(times: list[float], grid_point: str = "g") -> list[dict[str, object]]:
+    return [
+        _row(grid_point, f"s{i}", scores={"exact_match": 1.0}, prefill_s=t, category="color" if i % 2 else "count")
+        for i, t in enumerate(times)
+    ]
+
+
+def test_noisy_timings_are_flagged_with_their_spread(tmp_path: Path) -> None:
+    steady = _timed_rows([0.016, 0.017, 0.016, 0.018], "gA")
+    noisy = _timed_rows([0.016, 0.160, 0.017, 0.016], "gC")
+    summaries = {s.grid_point: s for s in summarize(steady + noisy)}
+    assert not summaries["gA"].timing_noisy and summaries["gC"].timing_noisy
+    assert summaries["gC"].prefill_s_median == pytest.approx(0.0165) and summaries["gC"].prefill_s_cv > 1.0
+    assert summaries["gC"].prefill_s_p10 < summaries["gC"].prefill_s_median < summaries["gC"].prefill_s_p90
+    text = to_markdown(list(summaries.values()))
+    assert "| 52.3 ⚠ |" in text and "⚠ noisy timing" in text and "| 16.8 |" in text
+    record = {r["grid_point"]: r for r in csv.DictReader(io.StringIO(to_csv(list(summaries.values()))))}
+    assert record["gC"]["timing_noisy"] == "1" and float(record["gC"]["prefill_s_cv"]) > 1.0
+
+
+def test_the_category_table_is_in_summary_csv_and_json(tmp_path: Path) -> None:
+    written = write_report(_rows(), tmp_path, plots=False)
+    records = {r["grid_point"]: r for r in json.loads(written["json"].read_text(encoding="utf-8"))}
+    assert records["gA"]["categories"]["color"] == {"n": 2, "score": 1.0, "exact_match": 1.0, "anls": 1.0}
+    assert records["gA"]["categories"]["count"]["n"] == 1 and records["gA"]["label"] == "hired(alpha=0.5)+cls_final"
+    table = {r["grid_point"]: r for r in csv.DictReader(io.StringIO(written["csv"].read_text(encoding="utf-8")))}
+    assert table["gA"]["color/n"] == "2" and table["gA"]["count/n"] == "1"
+
+
+def test_tokens_plot_has_a_panel_per_grid_and_a_colour_per_series(tmp_path: Path) -> None:
+    import re
+
+    two_by_two = ["thumbnail", "tile r0c0", "tile r0c1", "tile r1c0", "tile r1c1"]
+    one_by_three = ["thumbnail", "tile r0c0", "tile r0c1", "tile r0c2"]
+    rows = []
+    for g in range(12):
+        config = {**CONFIGS["gA"], "allocator": {"name": "hired", "alpha": g / 11}}
+        rows.append(_any_row(f"g{g}", "wide", config=config, tokens_per_partition=[g, 1, 1, 1], partitions=one_by_three))
+        rows.append(_any_row(f"g{g}", "square", config=config, tokens_per_partition=[g, 2, 2, 2, 2], partitions=two_by_two))
+    summaries = summarize(rows)
+    assert summaries[0].tokens_per_layout == {tuple(two_by_two): (0.0, 2.0, 2.0, 2.0, 2.0), tuple(one_by_three): (0.0, 1.0, 1.0, 1.0)}
+    svg = plot_tokens_per_partition(summaries, tmp_path / "parts.svg")
+    texts = [text for _, _, text in _svg_texts(svg)]
+    assert "tile r1c1" in texts and "tile r0c2" in texts  # each grid's own tiles
+    headings = [text for text in texts if text.endswith("image(s)")]
+    assert sorted(h.removeprefix("tokens per partition: ") for h in headings) == ["1x3 grid, 1 image(s)", "2x2 grid, 1 image(s)"]
+    fills = set(re.findall(r'clip-path="[^"]*" style="fill: (#[0-9a-f]{6})"', svg.read_text()))
+    assert len(fills) == 12  # no colour reused past 10 series
+
+
+def test_pareto_labels_do_not_overlap_and_a_single_point_has_no_front(tmp_path: Path) -> None:
+    rows = [
+        _any_row(f"g{k}", "s", config={**CONFIGS["gD"], "budget": budget}, scores={"exact_match": 1.0}, prefill_s=t)
+        for k, (budget, t) in enumerate([(0.1, 0.010), (0.2, 0.010), (0.3, 0.0101), (0.4, 0.0102)])
+    ]
+    svg = plot_pareto(summarize(rows), tmp_path / "p.svg")
+    labels = [(x, y, text) for x, y, text in _svg_texts(svg) if text.endswith("%")]
+    assert "10%, 20%" in [text for _, _, text in labels]  # coinciding points share one label
+    spots = [(round(x), round(y)) for x, y, _ in labels]
+    assert len(spots) == len(set(spots)) == 3
+    near = sorted(labels, key=lambda label: label[0])[1:]  # 30% and 40%: close together, stacked apart
+    assert abs(near[0][1] - near[1][1]) > 5 or abs(near[0][0] - near[1][0]) > 20
+    assert "Pareto front" not in [text for _, _, text in _svg_texts(svg)]  # the front is one point: not drawn
+    front = [
+        _any_row(f"h{k}", "s", config={**CONFIGS["gD"], "budget": b}, scores={"exact_match": q}, prefill_s=t)
+        for k, (b, q, t) in enumerate([(0.1, 0.0, 0.01), (0.2, 1.0, 0.02)])
+    ]
+    assert "Pareto front" in [text for _, _, text in _svg_texts(plot_pareto(summarize(front), tmp_path / "f.svg"))]

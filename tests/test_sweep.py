@@ -111,7 +111,9 @@ def test_beam_search_runs_and_changed_settings_do_not_reuse_rows(tmp_path):
     config = yaml.safe_load(path.read_text())
     config["generation"] = {"max_new_tokens": 2, "num_beams": 2}
     path.write_text(yaml.safe_dump(config))
-    second = run_sweep(path, limit=1, show_progress=False, plots=False)
+    with pytest.raises(tp.ConfigError, match=r"holds results of other settings \(settings.generation.num_beams: unset -> 2\).*--mix-settings"):
+        run_sweep(path, limit=1, show_progress=False, plots=False)
+    second = run_sweep(path, limit=1, show_progress=False, plots=False, mix_settings=True)
     assert (second.ran, second.skipped, second.failed) == (1, 0, 0)  # a new key: not reused
     rows = read_rows(tmp_path / "out" / "results.jsonl")
     assert len(rows) == 2 and sum(r["prefill_s"] is None for r in rows) == 1  # no first-token clock in beam search

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .experiments.validate import check_run_arguments
 from .pipeline import Pipeline
 from .runtime import (
     BUILTIN_MODEL,
@@ -90,6 +91,7 @@ def _draw(pipe: Pipeline, model: Any, processor: Any, image: Any, out: str) -> P
 
 def show(args: argparse.Namespace) -> int:
     """``tokenprune show``: the kept-token picture for one image + prompt, any pipeline."""
+    check_run_arguments(args)  # every argument, before the checkpoint loads
     model, processor, source, image, image_name, pipe = _model_image_pipeline(args)
     with torch.inference_mode():
         pipe.prepare(model, processor, images=image, text=chat_prompt(processor, args.prompt), question=args.prompt)
@@ -103,10 +105,7 @@ def show(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .errors import ConfigError
-
-    if args.repeats < 1:
-        raise ConfigError(f"--repeats must be at least 1, got {args.repeats}")
+    check_run_arguments(args)  # every argument, before the checkpoint loads
     model, processor, source, image, image_name, pipe = _model_image_pipeline(args)
     device = next(model.parameters()).device
     if device.type == "cuda":

@@ -133,7 +133,7 @@ class Sample:
             try:
                 with Image.open(self.image) as opened:
                     image = opened.copy()
-            except (OSError, ValueError) as error:
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
                 raise DatasetError(
                     f"sample {self.id!r}: cannot read image {os.fspath(self.image)!r}: {error}"
                 ) from None

@@ -10,10 +10,18 @@ its id is a hash of both (:func:`grid_point_id`), so a row's key
   :class:`TruncatedLineWarning`) and ignores it; opening a store for appending cuts it off
   first, so new rows never glue onto a broken one. A malformed line that is *not* the last
   one is real corruption and raises :class:`ResultsError`.
-- :meth:`ResultsStore.done_keys` lists what is finished, so a restart skips it.
+- :meth:`ResultsStore.done_keys` lists what finished without an ``error``, so a restart
+  skips it and re-attempts failed rows (:meth:`ResultsStore.failed_keys`).
+- A key written twice (a failed row, then its retry) resolves to the newer row
+  (:func:`newest_rows`): the later ``finished_at`` when both rows carry one, else the later
+  line of the same file, else the first source.
+- One writer per file: opening a store takes an exclusive lock (``.NAME.lock`` beside it,
+  released by the kernel when the process dies, even by SIGKILL); a second writer gets
+  :class:`StoreBusyError` naming the holder's pid and host.
 - Each rank appends to its own ``results.rank{r}.jsonl`` (:func:`shard_path`);
-  :func:`merge` writes ``results.jsonl`` with every key exactly once (first row wins),
-  sorted by key, atomically (temporary file + rename).
+  :func:`merge` writes ``results.jsonl`` with every key exactly once, sorted by key,
+  atomically (temporary file + rename). The shards are the truth: a previous
+  ``results.jsonl`` contributes only rows of ranks whose shard file is gone.
 
 Row schema (one JSON object per line; only ``grid_point`` and ``sample_id`` are required,
 every other field may be absent or ``null``)::
@@ -38,6 +46,8 @@ every other field may be absent or ``null``)::
       "peak_memory_bytes": int | null,
       "prefill_flops": int | null,   # analytic LLM prefill FLOPs (tokenprune.cost)
       "rank": int,
+      "finished_at": float | null,   # unix time the row was made; the newer row of a key wins
+      "settings": {...} | null,      # run settings beside the pipeline (prompt, generation, ...)
       "error": str | null            # set when the sample failed; scores then empty
     }
 
@@ -50,8 +60,10 @@ import hashlib
 import json
 import os
 import re
+import socket
+import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -66,10 +78,12 @@ __all__ = [
     "ResultRow",
     "ResultsError",
     "ResultsStore",
+    "StoreBusyError",
     "TruncatedLineWarning",
     "find_shards",
     "grid_point_id",
     "merge",
+    "newest_rows",
     "read_rows",
     "row_key",
     "shard_path",
@@ -81,6 +95,10 @@ _SHARD_NAME = re.compile(r"results\.rank(\d+)\.jsonl")
 
 class ResultsError(TokenpruneError, ValueError):
     """A results file is corrupt (not just truncated by a kill), or a row is malformed."""
+
+
+class StoreBusyError(TokenpruneError, RuntimeError):
+    """Another live process is writing the same results file (two sweeps on one folder)."""
 
 
 class TruncatedLineWarning(UserWarning):
@@ -149,6 +167,8 @@ class ResultRow:
     peak_memory_bytes: int | None = None
     prefill_flops: int | None = None
     rank: int = 0
+    finished_at: float | None = None
+    settings: dict[str, Any] | None = None
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -223,9 +243,119 @@ def read_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def _finished_at(row: Mapping[str, Any]) -> float | None:
+    value = row.get("finished_at")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _is_newer(candidate: Mapping[str, Any], current: Mapping[str, Any], *, same_file: bool) -> bool:
+    """Whether ``candidate`` (read after ``current``) supersedes it."""
+    new, old = _finished_at(candidate), _finished_at(current)
+    if new is not None and old is not None:
+        return new >= old
+    return same_file  # an append-only file: a later line is a later write
+
+
+def newest_rows(rows: Iterable[Mapping[str, Any]], *, one_file: bool = False) -> dict[RowKey, Mapping[str, Any]]:
+    """The newest row of each key, in first-seen key order.
+
+    Of two rows with the same key the one with the later ``finished_at`` wins (a resumed
+    sweep retries a failed row and appends the retry). Without both timestamps the later
+    row wins when ``one_file`` (the rows are one append-only file, in order), else the
+    first.
+    """
+    newest: dict[RowKey, Mapping[str, Any]] = {}
+    for row in rows:
+        key = row_key(row)
+        current = newest.get(key)
+        if current is None or _is_newer(row, current, same_file=one_file):
+            newest[key] = row
+    return newest
+
+
 def _iter_keys(rows: Iterable[Mapping[str, Any]]) -> Iterator[RowKey]:
     for row in rows:
         yield row_key(row)
+
+
+# ---------------------------------------------------------------- one writer per file
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    except OSError:
+        return False
+    return True
+
+
+class _WriterLock:
+    """An exclusive lock on ``.NAME.lock`` beside a results file, holding the writer's pid.
+
+    ``flock`` is released by the kernel when its holder dies (SIGKILL included), so a killed
+    sweep never leaves a stuck lock. Where ``flock`` is unavailable the pid in the file is
+    checked instead (a lock of a dead pid on this host is stale).
+    """
+
+    def __init__(self, target: Path) -> None:
+        self.path = target.with_name(f".{target.name}.lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            holder = self._holder(fd)
+            if not self._lock(fd, holder):
+                where = (
+                    f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')}"
+                    if holder
+                    else "another process"
+                )
+                raise StoreBusyError(
+                    f"{self.path.with_name(self.path.name[1:-5])} is being written by another sweep ({where}); "
+                    "wait for it to finish, or give this run another output folder"
+                )
+            info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    @staticmethod
+    def _holder(fd: int) -> dict[str, Any]:
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except (OSError, ValueError):
+            return {}
+        return holder if isinstance(holder, dict) else {}
+
+    @staticmethod
+    def _lock(fd: int, holder: Mapping[str, Any]) -> bool:
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        except (ImportError, OSError):  # no flock here (Windows, some network filesystems): check the pid
+            pid = holder.get("pid")
+            return not (
+                isinstance(pid, int) and holder.get("host") == socket.gethostname() and _process_alive(pid)
+            )
+
+    def release(self) -> None:
+        if self._fd is not None:
+            try:
+                os.ftruncate(self._fd, 0)  # no holder: a reader of the file sees it free
+            except OSError:
+                pass
+            os.close(self._fd)  # drops the flock
+            self._fd = None
 
 
 # ---------------------------------------------------------------- writing
@@ -256,7 +386,12 @@ class ResultsStore:
     Opening it (the constructor) repairs a truncated tail left by a killed writer: the
     broken bytes are cut off (with a :class:`TruncatedLineWarning`), a complete last row
     that only lost its newline gets one. Then every :meth:`append` is durable on return.
-    One writer per file: give each rank its own file (:meth:`for_rank`).
+    One writer per file: the constructor takes an exclusive lock (:class:`StoreBusyError`
+    when another live process holds it), :meth:`close` releases it; give each rank its
+    own file (:meth:`for_rank`).
+
+    A key whose newest row has an ``error`` is not done (:meth:`failed_keys`): a restart
+    re-attempts it and the retry, appended later, supersedes the failed row.
 
     >>> with ResultsStore.for_rank("runs/sweep1", rank=0) as store:   # doctest: +SKIP
     ...     if (grid_point, sample.id) not in store.done_keys():
@@ -267,6 +402,17 @@ class ResultsStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._done: set[RowKey] = set()
+        self._failed: set[RowKey] = set()
+        self._fd: int | None = None
+        self._lock = _WriterLock(self.path)
+        self._lock.acquire()
+        try:
+            self._open()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self) -> None:
         if self.path.exists():
             rows, truncated_at = _scan(self.path)
             size = self.path.stat().st_size
@@ -281,8 +427,17 @@ class ResultsStore:
                     handle.write(b"\n")
                     handle.flush()
                     os.fsync(handle.fileno())
-            self._done.update(_iter_keys(rows))
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            for key, row in newest_rows(rows, one_file=True).items():
+                self._note(key, row)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def _note(self, key: RowKey, row: Mapping[str, Any]) -> None:
+        if row.get("error"):
+            self._failed.add(key)
+            self._done.discard(key)
+        else:
+            self._done.add(key)
+            self._failed.discard(key)
 
     @classmethod
     def for_rank(cls, directory: str | os.PathLike[str], rank: int) -> ResultsStore:
@@ -314,14 +469,20 @@ class ResultsStore:
             ) from None
         _write_all(self._fd, (line + "\n").encode("utf-8"))
         os.fsync(self._fd)
-        self._done.add(key)
+        self._note(key, row)
 
     def done_keys(self) -> frozenset[RowKey]:
-        """Keys of every row in the file (those read at opening plus those appended since)."""
+        """Keys whose newest row (read at opening or appended since) has no ``error``."""
         return frozenset(self._done)
 
-    def is_done(self, grid_point: str, sample_id: str) -> bool:
-        return (grid_point, sample_id) in self._done
+    def failed_keys(self) -> frozenset[RowKey]:
+        """Keys whose newest row has an ``error``: a resumed sweep re-attempts them."""
+        return frozenset(self._failed)
+
+    def is_done(self, grid_point: str, sample_id: str, *, include_failed: bool = False) -> bool:
+        """Whether the key finished without error (or at all, with ``include_failed``)."""
+        key = (grid_point, sample_id)
+        return key in self._done or (include_failed and key in self._failed)
 
     def rows(self) -> list[dict[str, Any]]:
         """Every complete row in the file, in order."""
@@ -331,6 +492,7 @@ class ResultsStore:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        self._lock.release()
 
     def __enter__(self) -> Self:
         return self
@@ -342,9 +504,12 @@ class ResultsStore:
         fd = getattr(self, "_fd", None)
         if fd is not None:
             os.close(fd)
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
 
     def __repr__(self) -> str:
-        return f"ResultsStore({str(self.path)!r}, rows={len(self._done)})"
+        return f"ResultsStore({str(self.path)!r}, done={len(self._done)}, failed={len(self._failed)})"
 
 
 # ---------------------------------------------------------------- shards and merge
@@ -384,14 +549,19 @@ def merge(
 
     Args:
         sources: result files, or a directory whose ``results.rank*.jsonl`` shards are
-            merged (an existing ``results.jsonl`` there is merged in too, so merging again
-            after more work is safe).
+            merged. The shards are the truth: an existing ``results.jsonl`` there adds only
+            rows of ranks whose shard file is gone, so a row deleted from a shard (or
+            superseded there by a retry) never comes back from an old merge. Merging again
+            after more work is safe.
         output: the merged file (default: ``results.jsonl`` beside the sources).
 
-    The first row of each key wins (sources in the given order, rows in file order); rows
-    are written sorted by key. The output is written to a temporary file, fsynced and
-    renamed over ``output``, so it is either the old or the new file, never half of one.
+    Of the rows of one key the newest wins: the later ``finished_at`` when both carry one,
+    else the later line of the same file, else the first source (sources in the given
+    order). Rows are written sorted by key. The output is written to a temporary file,
+    fsynced and renamed over ``output``, so it is either the old or the new file, never
+    half of one.
     """
+    keep_previous: Callable[[Mapping[str, Any]], bool] | None = None
     if isinstance(sources, (str, os.PathLike)):
         folder = Path(sources)
         if not folder.is_dir():
@@ -399,6 +569,12 @@ def merge(
         files = find_shards(folder)
         previous = folder / "results.jsonl"
         if previous.exists():
+            ranks = {int(_SHARD_NAME.fullmatch(f.name).group(1)) for f in files}  # type: ignore[union-attr]
+
+            def keep_previous(row: Mapping[str, Any]) -> bool:
+                rank = row.get("rank", 0)
+                return not (isinstance(rank, int) and rank in ranks)
+
             files = [previous, *files]
         target = Path(output) if output is not None else previous
     else:
@@ -411,15 +587,20 @@ def merge(
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise ConfigError(f"merge: missing result file(s): {', '.join(missing)}")
-    merged: dict[RowKey, dict[str, Any]] = {}
+    merged: dict[RowKey, Mapping[str, Any]] = {}
     duplicates = 0
-    for file in files:
-        for row in read_rows(file):
-            key = row_key(row)
-            if key in merged:
+    for index, file in enumerate(files):
+        rows = read_rows(file)
+        if index == 0 and keep_previous is not None:
+            rows = [row for row in rows if keep_previous(row)]
+        for key, row in newest_rows(rows, one_file=True).items():
+            current = merged.get(key)
+            if current is not None:
                 duplicates += 1
-                continue
+                if not _is_newer(row, current, same_file=False):
+                    continue
             merged[key] = row
+        duplicates += len(rows) - len({row_key(row) for row in rows})
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     with temporary.open("w", encoding="utf-8") as handle:

@@ -11,12 +11,19 @@ point and averages them:
 - ``tokens_per_partition``: mean per partition position, over the rows that have that
   position (LLaVA-NeXT grids differ per image); ``partitions``: names from the row with the
   most partitions;
+- ``tokens_per_layout``: the same per partition layout (one LLaVA-NeXT tile grid each, keyed
+  by its partition names), with ``layout_counts`` images each: tiles of different grids are
+  never averaged together;
 - ``prefill_s``, ``decode_tokens_per_s``, ``prefill_flops``: means; ``peak_memory_bytes``: max;
+- timing spread over the grid point's samples: ``prefill_s_median``, ``prefill_s_p10`` /
+  ``prefill_s_p90``, ``prefill_s_cv`` (standard deviation over mean) and ``timing_noisy``
+  (``prefill_s_cv`` above :data:`NOISY_TIMING_CV`: a busy or shared machine; compare such
+  timings with care);
 - ``errors``: rows with an ``error``; they count in ``samples`` but hold no scores.
 
 Missing or ``null`` fields are skipped; a statistic with no values is ``None`` (shown as
-``–``). Rows repeating a key already seen are ignored (first wins, as in
-:func:`~tokenprune.experiments.merge`). :func:`write_report` writes everything at once.
+``–``). Of rows repeating a key the newest counts (:func:`~tokenprune.experiments.newest_rows`:
+the later ``finished_at``, else the first row, as in :func:`~tokenprune.experiments.merge`). :func:`write_report` writes everything at once.
 """
 
 from __future__ import annotations
@@ -26,28 +33,34 @@ import io
 import json
 import math
 import os
+import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .results import read_rows, row_key
+from .results import newest_rows, read_rows
 
 __all__ = [
+    "NOISY_TIMING_CV",
     "GridPointSummary",
     "budget_label",
     "category_table",
     "pareto_front",
     "strategy_labels",
     "summarize",
+    "summary_records",
     "to_csv",
     "to_markdown",
     "write_report",
 ]
 
 _PREFERRED_METRICS = ("vqa_accuracy", "exact_match", "anls")
+
+NOISY_TIMING_CV = 0.5
+"""A grid point's timings are flagged noisy when their std/mean over its samples exceeds this."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +87,14 @@ class GridPointSummary:
     peak_memory_bytes: int | None
     prefill_flops: float | None
     category_counts: Mapping[str, int] = field(default_factory=dict)
+    settings: Mapping[str, Any] | None = None
+    prefill_s_median: float | None = None
+    prefill_s_p10: float | None = None
+    prefill_s_p90: float | None = None
+    prefill_s_cv: float | None = None
+    timing_noisy: bool = False
+    tokens_per_layout: Mapping[tuple[str, ...], tuple[float, ...]] = field(default_factory=dict)
+    layout_counts: Mapping[tuple[str, ...], int] = field(default_factory=dict)
 
     @property
     def budget_label(self) -> str:
@@ -107,14 +128,28 @@ def _describe_part(spec: Mapping[str, Any], varying: Sequence[str]) -> str:
     return f"{name}({', '.join(options)})" if options else name
 
 
+def flatten_settings(value: object, prefix: str = "") -> dict[str, str]:
+    """Nested settings as ``{"generation.num_beams": "2", ...}``, values as canonical JSON."""
+    if isinstance(value, Mapping):
+        flat: dict[str, str] = {}
+        for key, item in value.items():
+            flat.update(flatten_settings(item, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: json.dumps(value, sort_keys=True, default=str)} if prefix else {}
+
+
 def strategy_labels(
-    configs: Sequence[Mapping[str, Any] | None], models: Sequence[str | None] | None = None
+    configs: Sequence[Mapping[str, Any] | None],
+    models: Sequence[str | None] | None = None,
+    settings: Sequence[Mapping[str, Any] | None] | None = None,
 ) -> list[str]:
     """Short readable labels of configs, budget left out: ``"hired+cls_final"``.
 
     Options are shown only where configs with the same part name differ in them
     (``"hired(alpha=0.5)+cls_final"``); the adapter only when adapters differ; the model
-    (in brackets) only when models differ. A missing config is labelled ``"?"``.
+    (in brackets) only when models differ; run settings (a row's ``settings``: prompt,
+    generation, ...) in brackets only where they differ, e.g. ``[generation.num_beams=2]``.
+    A missing config is labelled ``"?"``.
     """
     models = list(models) if models is not None else [None] * len(configs)
     pieces: list[list[str]] = [[] for _ in configs]
@@ -140,6 +175,13 @@ def strategy_labels(
     labels = ["+".join(piece) if config is not None else "?" for piece, config in zip(pieces, configs)]
     if len(set(models)) > 1:
         labels = [f"{label} [{model}]" for label, model in zip(labels, models)]
+    flat = [flatten_settings(item or {}) for item in (settings or [])]
+    varying = sorted(k for k in {k for f in flat for k in f} if len({f.get(k) for f in flat}) > 1)
+    if varying:
+        labels = [
+            f"{label} [{', '.join(f'{k}={f[k]}' if k in f else f'{k} unset' for k in varying)}]"
+            for label, f in zip(labels, flat)
+        ]
     return labels
 
 
@@ -163,21 +205,17 @@ def summarize(rows: Iterable[Mapping[str, Any]] | str | os.PathLike[str]) -> lis
     if isinstance(rows, (str, os.PathLike)):
         rows = read_rows(rows)
     groups: dict[str, list[Mapping[str, Any]]] = {}
-    seen: set[tuple[str, str]] = set()
-    for row in rows:
-        key = row_key(row)
-        if key in seen:
-            continue
-        seen.add(key)
-        groups.setdefault(key[0], []).append(row)
+    for (grid_point, _), row in newest_rows(rows).items():
+        groups.setdefault(grid_point, []).append(row)
     grid_points = list(groups)
     first = [groups[g][0] for g in grid_points]
     configs = [row.get("config") if isinstance(row.get("config"), Mapping) else None for row in first]
     models = [row.get("model") for row in first]
+    settings = [row.get("settings") if isinstance(row.get("settings"), Mapping) else None for row in first]
     # Rows without a config are labelled by their grid point id.
     labels = [
         label if config is not None else grid_point
-        for label, config, grid_point in zip(strategy_labels(configs, models), configs, grid_points)
+        for label, config, grid_point in zip(strategy_labels(configs, models, settings), configs, grid_points)
     ]
     summaries = [
         _summarize_group(grid_point, group, label)
@@ -233,7 +271,16 @@ def _summarize_group(grid_point: str, rows: list[Mapping[str, Any]], label: str)
         row_names = row.get("partitions")
         if isinstance(row_names, list) and (names is None or len(row_names) > len(names)):
             names = tuple(str(name) for name in row_names)
+    per_layout: dict[tuple[str, ...], list[list[float]]] = defaultdict(list)
+    for row in rows:
+        counts, row_names = row.get("tokens_per_partition"), row.get("partitions")
+        if isinstance(counts, list) and isinstance(row_names, list) and len(counts) == len(row_names):
+            values = [_number(v) for v in counts]
+            if all(v is not None for v in values):
+                per_layout[tuple(str(n) for n in row_names)].append([float(v) for v in values])  # type: ignore[arg-type]
     peaks = [int(v) for v in (_number(row.get("peak_memory_bytes")) for row in rows) if v is not None]
+    timings = [v for v in (_number(row.get("prefill_s")) for row in rows) if v is not None]
+    spread = _spread(timings)
     return GridPointSummary(
         grid_point=grid_point,
         model=rows[0].get("model") if isinstance(rows[0].get("model"), str) else None,
@@ -260,7 +307,30 @@ def _summarize_group(grid_point: str, rows: list[Mapping[str, Any]], label: str)
         decode_tokens_per_s=_mean(_number(row.get("decode_tokens_per_s")) for row in rows),
         peak_memory_bytes=max(peaks) if peaks else None,
         prefill_flops=_mean(_number(row.get("prefill_flops")) for row in rows),
+        settings=rows[0].get("settings") if isinstance(rows[0].get("settings"), Mapping) else None,
+        **spread,
+        tokens_per_layout={
+            layout: tuple(sum(column) / len(column) for column in zip(*values))
+            for layout, values in sorted(per_layout.items(), key=lambda item: (-len(item[1]), item[0]))
+        },
+        layout_counts={layout: len(values) for layout, values in per_layout.items()},
     )
+
+
+def _spread(timings: Sequence[float]) -> dict[str, Any]:
+    if not timings:
+        return {}
+    ordered = sorted(timings)
+    cuts = statistics.quantiles(ordered, n=10, method="inclusive") if len(ordered) > 1 else [ordered[0]] * 9
+    mean = statistics.fmean(ordered)
+    cv = statistics.pstdev(ordered) / mean if len(ordered) > 1 and mean > 0 else None
+    return {
+        "prefill_s_median": statistics.median(ordered),
+        "prefill_s_p10": cuts[0],
+        "prefill_s_p90": cuts[-1],
+        "prefill_s_cv": cv,
+        "timing_noisy": cv is not None and cv > NOISY_TIMING_CV,
+    }
 
 
 def _ordered(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -311,7 +381,7 @@ def _efficiency_cells(summary: GridPointSummary) -> list[str]:
     return [
         _fmt(summary.visual_tokens),
         _fmt(summary.keep_ratio, 1, 100.0),
-        _fmt(summary.prefill_s, 1, 1000.0),
+        _fmt(summary.prefill_s, 1, 1000.0) + (" ⚠" if summary.timing_noisy else ""),
         _fmt(summary.decode_tokens_per_s),
         _fmt(None if summary.peak_memory_bytes is None else float(summary.peak_memory_bytes), 0, 1 / 2**20),
         _fmt(summary.prefill_flops, 2, 1e-12),
@@ -347,7 +417,14 @@ def to_markdown(summaries: Sequence[GridPointSummary], metrics: Sequence[str] | 
     header += [_COLUMNS[i][1] for i in keep]
     for row, cells in zip(body, efficiency):
         row += [cells[i] for i in keep]
-    return _markdown(header, body, numeric_from)
+    text = _markdown(header, body, numeric_from)
+    if any(s.timing_noisy for s in summaries):
+        text += (
+            f"\n⚠ noisy timing: prefill time varies by more than {NOISY_TIMING_CV:.0%} (std/mean) across the "
+            "samples of this grid point (a busy or shared machine?); compare it with care, or rerun on an idle "
+            "machine. The spread (p10, p90, std/mean) is in summary.csv and summary.json.\n"
+        )
+    return text
 
 
 def category_table(summaries: Sequence[GridPointSummary], metric: str | None = None) -> str:
@@ -373,13 +450,16 @@ def to_csv(summaries: Sequence[GridPointSummary], path: str | os.PathLike[str] |
     """CSV with raw numbers (scores in [0, 1], seconds, bytes); written to ``path`` if given."""
     metrics = _metrics_of(summaries)
     categories = sorted({(c, m) for s in summaries for c, values in s.category_scores.items() for m in values})
+    category_names = sorted({c for s in summaries for c in s.category_counts})
     fields = [
         "grid_point", "model", "strategy", "budget", "samples", "errors", "score",
         *metrics,
         "visual_tokens", "full_visual_tokens", "keep_ratio", "tokens_per_partition",
         "prefill_s", "decode_tokens_per_s", "peak_memory_bytes", "prefill_flops",
+        "prefill_s_median", "prefill_s_p10", "prefill_s_p90", "prefill_s_cv", "timing_noisy",
         *(f"{c}/{m}" for c, m in categories),
-        "config",
+        *(f"{c}/n" for c in category_names),
+        "config", "settings",
     ]  # fmt: skip
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -396,14 +476,37 @@ def to_csv(summaries: Sequence[GridPointSummary], path: str | os.PathLike[str] |
                 cell(s.visual_tokens), cell(s.full_visual_tokens), cell(s.keep_ratio),
                 "" if s.tokens_per_partition is None else " ".join(f"{v:g}" for v in s.tokens_per_partition),
                 cell(s.prefill_s), cell(s.decode_tokens_per_s), cell(s.peak_memory_bytes), cell(s.prefill_flops),
+                cell(s.prefill_s_median), cell(s.prefill_s_p10), cell(s.prefill_s_p90), cell(s.prefill_s_cv),
+                int(s.timing_noisy),
                 *(cell(s.category_scores.get(c, {}).get(m)) for c, m in categories),
+                *(s.category_counts.get(c, 0) for c in category_names),
                 "" if s.config is None else json.dumps(s.config, sort_keys=True),
+                "" if s.settings is None else json.dumps(s.settings, sort_keys=True, default=str),
             ]
         )  # fmt: skip
     text = buffer.getvalue()
     if path is not None:
         Path(path).write_text(text, encoding="utf-8")
     return text
+
+
+def summary_records(summaries: Sequence[GridPointSummary]) -> list[dict[str, Any]]:
+    """The summaries as plain JSON data (what ``summary.json`` holds), one dict per grid
+    point: every :class:`GridPointSummary` field, ``budget_label``, and the per-category
+    table as ``categories: {name: {"n": count, metric: mean, ...}}``; layouts are keyed by
+    their partition names joined with ``" | "``."""
+    records = []
+    for s in summaries:
+        record = asdict(s)
+        record["budget_label"] = s.budget_label
+        record["categories"] = {
+            c: {"n": s.category_counts.get(c, 0), **s.category_scores.get(c, {})}
+            for c in sorted(set(s.category_counts) | set(s.category_scores))
+        }
+        for name in ("tokens_per_layout", "layout_counts"):
+            record[name] = {" | ".join(layout): value for layout, value in getattr(s, name).items()}
+        records.append(json.loads(json.dumps(record, default=str)))
+    return records
 
 
 def write_report(
@@ -413,7 +516,7 @@ def write_report(
     metric: str | None = None,
     plots: bool = True,
 ) -> dict[str, Path]:
-    """Write ``summary.md``, ``summary.csv`` and (with ``plots``) the PNG plots.
+    """Write ``summary.md``, ``summary.csv``, ``summary.json`` and (with ``plots``) the PNG plots.
 
     Returns the written paths by name. Plots whose data are absent (e.g. no ``prefill_s``)
     are skipped.
@@ -434,6 +537,8 @@ def write_report(
     written["markdown"] = folder / "summary.md"
     written["csv"] = folder / "summary.csv"
     to_csv(summaries, written["csv"])
+    written["json"] = folder / "summary.json"
+    written["json"].write_text(json.dumps(summary_records(summaries), indent=2), encoding="utf-8")
     if plots:
         makers = {
             "accuracy_vs_budget": plotting.plot_accuracy_vs_budget,

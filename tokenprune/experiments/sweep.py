@@ -25,10 +25,19 @@ option, after any part replacement) and a bare option name (routed to the one pa
 takes it): the grammar of :func:`tokenprune.overrides.apply_overrides`. Every grid point
 is validated before the first sample runs.
 
+Everything is checked before the model loads: the grid, the prompt (``{question}`` is its
+only field), ``generation`` (names and values), ``seed``, ``device``, ``dtype``, the output
+folder, and that a pipeline needing prompt relevance names a scorer.
+
 Results are one append-only JSONL row per (grid point, sample), flushed and fsynced: a
-restart skips what is done; a killed run restarted ends with every row exactly once. Under
-``accelerate launch --num_processes N -m tokenprune sweep CONFIG`` each rank takes every
-N-th sample and writes its own shard; rank 0 merges and summarises when all are done.
+restart skips what is done and re-attempts failed rows (``--skip-failed`` keeps them); a
+killed run restarted ends with every row exactly once. One sweep writes a folder at a time
+(a lock; a second one is refused). A folder holds one set of run settings (model, prompt,
+generation, dtype, dataset, metrics, seed); another config into it is refused unless
+``--mix-settings``, and then every row and summary label carries its settings. Under
+``accelerate launch --multi_gpu --num_processes N -m tokenprune sweep CONFIG`` each rank
+takes every N-th sample and writes its own shard; rank 0 merges and summarises when all are
+done. Ranks wait at most ``rendezvous_timeout`` seconds (default 300) for each other at start.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -48,17 +58,41 @@ from ..cost import LLMShape, prefill_flops
 from ..errors import ConfigError, TokenpruneError
 from ..overrides import apply_overrides
 from ..pipeline import Pipeline
-from ..runtime import BUILTIN_MODEL, chat_prompt, default_device, load_model, parse_dtype, rank_from_env, read_config_file
+from ..runtime import BUILTIN_MODEL, chat_prompt, default_device, load_model, parse_dtype, rank_from_env
 from .datasets import SHORT_ANSWER_PROMPT, Sample, load_samples, shard
 from .metrics import METRICS, score_all
 from .progress import progress
 from .results import ResultRow, ResultsStore, grid_point_id, merge
-from .summary import summarize, to_markdown, write_report
+from .summary import flatten_settings, summarize, to_markdown, write_report
+from .validate import (
+    check_device,
+    check_generation,
+    check_output_folder,
+    check_positive_int,
+    check_prompt,
+    check_relevance_scorer,
+    read_config_file,
+)
 
-__all__ = ["SweepConfig", "GridPoint", "load_config", "grid_points", "run_sweep", "SweepReport"]
+__all__ = [
+    "GridPoint",
+    "RendezvousError",
+    "SweepConfig",
+    "SweepReport",
+    "grid_points",
+    "load_config",
+    "run_sweep",
+]
 
 _PARTS = ("adapter", "allocator", "selector")
-_TOP_KEYS = {"name", "model", "dataset", "output", "generation", "prompt", "metrics", "base", "grid", "device", "dtype", "seed"}
+_TOP_KEYS = {
+    "name", "model", "dataset", "output", "generation", "prompt", "metrics", "base", "grid", "device", "dtype",
+    "seed", "rendezvous_timeout",
+}  # fmt: skip
+
+
+class RendezvousError(TokenpruneError, RuntimeError):
+    """The processes of a multi-process sweep could not find each other."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +123,7 @@ class SweepConfig:
     device: str | None
     dtype: str
     seed: int
+    rendezvous_timeout: float = 300.0
 
 
 def load_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> SweepConfig:
@@ -143,23 +178,37 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> SweepConf
     if model != "builtin" and not Path(model).is_absolute():
         candidate = folder / model
         model = str(candidate) if candidate.exists() else model
-    prompt = str(data.get("prompt", "{question} " + SHORT_ANSWER_PROMPT))
-    if "{question}" not in prompt:
-        raise ConfigError(f"{origin}: 'prompt' must contain '{{question}}', got {prompt!r}")
-    return SweepConfig(
-        name=str(data.get("name", "sweep")),
-        model=model,
-        dataset=dataset,
-        output=output,
-        base=dict(base),
-        grid=checked,
-        generation=dict(data.get("generation", {})),
-        prompt=prompt,
-        metrics=metrics,
-        device=data.get("device"),
-        dtype=str(data.get("dtype", "auto")),
-        seed=int(data.get("seed", 0)),
-    )
+    if model != "builtin" and not (Path(model) / "config.json").is_file():
+        raise ConfigError(f"{origin}: model {model}: no config.json there; give a local checkpoint folder or 'builtin'")
+    dtype = data.get("dtype", "auto")
+    try:
+        parse_dtype(dtype)
+    except ConfigError as error:
+        raise ConfigError(f"{origin}: {error}") from None
+    seed = data.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"{origin}: seed must be an int, got {seed!r}")
+    timeout = data.get("rendezvous_timeout", 300.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ConfigError(f"{origin}: rendezvous_timeout must be a number of seconds > 0, got {timeout!r}")
+    try:
+        return SweepConfig(
+            name=str(data.get("name", "sweep")),
+            model=model,
+            dataset=dataset,
+            output=check_output_folder(output),
+            base=dict(base),
+            grid=checked,
+            generation=check_generation(data.get("generation", {})),
+            prompt=check_prompt(data.get("prompt", "{question} " + SHORT_ANSWER_PROMPT)),
+            metrics=metrics,
+            device=check_device(data.get("device")),
+            dtype=dtype,
+            seed=seed,
+            rendezvous_timeout=float(timeout),
+        )
+    except ConfigError as error:
+        raise ConfigError(f"{origin}: {error}") from None
 
 
 def _apply(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -176,6 +225,7 @@ def grid_points(config: SweepConfig) -> list[GridPoint]:
             overrides = dict(zip(keys, values))
             try:
                 pipeline = Pipeline.from_dict(_apply(config.base, overrides))
+                check_relevance_scorer(pipeline, "the base pipeline" if not overrides else "this grid point")
             except TokenpruneError as error:
                 raise ConfigError(f"grid point {overrides}: {error}") from error
             canonical = pipeline.to_dict()
@@ -229,7 +279,7 @@ def _sync() -> None:
 class _Ranks:
     """This process's rank among the launcher's processes, and a barrier across them."""
 
-    def __init__(self) -> None:
+    def __init__(self, rendezvous_timeout: float = 300.0) -> None:
         environ = os.environ
         self.rank, self.world_size = rank_from_env(environ)
         if self.world_size == 1:
@@ -241,29 +291,49 @@ class _Ranks:
                     "processes, gloo), or pass --num_processes 1"
                 )
         self._group = False
+        self._final: Any = None
         if self.world_size > 1:
-            import torch.distributed as dist
+            self._join(rendezvous_timeout)
 
-            if not dist.is_initialized():
-                from datetime import timedelta
+    def _join(self, timeout_s: float) -> None:
+        import torch.distributed as dist
 
-                if torch.cuda.is_available():
-                    torch.cuda.set_device(torch.device(default_device(environ)))
-                backend = "nccl" if torch.cuda.is_available() else "gloo"
-                # ranks may finish hours apart (a resumed shard is already done): wait, don't time out
-                dist.init_process_group(
-                    backend, rank=self.rank, world_size=self.world_size, timeout=timedelta(days=7)
-                )
-                self._group = True
+        if dist.is_initialized():
+            return
+        from datetime import timedelta
+
+        where = f"rank {self.rank} of {self.world_size}"
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing:
+            raise RendezvousError(
+                f"{where} (from the environment) but {' and '.join(missing)} not set: start the ranks with "
+                "'accelerate launch --multi_gpu' or torchrun (they set it), or unset RANK/WORLD_SIZE for one process"
+            )
+        if torch.cuda.is_available():
+            torch.cuda.set_device(torch.device(default_device(os.environ)))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        try:
+            dist.init_process_group(
+                backend, rank=self.rank, world_size=self.world_size, timeout=timedelta(seconds=timeout_s)
+            )
+        except (RuntimeError, ValueError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise RendezvousError(
+                f"{where}: the other ranks did not join at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
+                f"within {timeout_s:g} s ({first}); start every rank, or raise rendezvous_timeout in the config"
+            ) from None
+        self._group = True
+        # ranks may finish hours apart (a resumed shard is already done): the final barrier waits long
+        self._final = dist.new_group(timeout=timedelta(days=2))
 
     def device(self) -> str:
         return default_device() if self.world_size > 1 else default_device({})
 
-    def barrier(self) -> None:
+    def barrier(self, *, final: bool = False) -> None:
         if self.world_size > 1:
             import torch.distributed as dist
 
-            dist.barrier()
+            dist.barrier(group=self._final if final else None)
 
     def close(self) -> None:
         if self._group:
@@ -276,8 +346,7 @@ class _Ranks:
 def _load(config: SweepConfig, device: str) -> tuple[Any, Any, str, str]:
     dtype = parse_dtype(config.dtype)
     model, processor, adapter = load_model(config.model, device=device, dtype=dtype, seed=config.seed)
-    model_id = "builtin:tiny-llava-next" if config.model == BUILTIN_MODEL else str(Path(config.model).resolve())
-    return model, processor, adapter, model_id
+    return model, processor, adapter, _model_id(config)
 
 
 def _evaluate(
@@ -327,100 +396,200 @@ def run_sweep(
     limit: int | None = None,
     show_progress: bool | None = None,
     plots: bool = True,
+    retry_failed: bool = True,
+    mix_settings: bool = False,
 ) -> SweepReport:
-    """Run (or resume) a sweep; see the module docs. Returns what this rank did."""
+    """Run (or resume) a sweep; see the module docs. Returns what this rank did.
+
+    Args:
+        limit: only the first ``limit`` samples (an int >= 1).
+        retry_failed: re-attempt rows that failed before (``False`` keeps them as they are).
+        mix_settings: allow rows of other run settings in the output folder (each row and
+            summary label then carries its settings); otherwise such a folder is refused.
+    """
+    if limit is not None:
+        check_positive_int(limit, "limit")
     config = load_config(source)
     points = grid_points(config)
-    ranks = _Ranks()
+    ranks = _Ranks(config.rendezvous_timeout)
     try:
-        return _run(config, points, ranks, limit=limit, show_progress=show_progress, plots=plots)
+        return _run(
+            config, points, ranks, limit=limit, show_progress=show_progress, plots=plots,
+            retry_failed=retry_failed, mix_settings=mix_settings,
+        )  # fmt: skip
     finally:
         ranks.close()
 
 
-def _run(
-    config: SweepConfig, points: list[GridPoint], ranks: _Ranks, *, limit: int | None, show_progress: bool | None, plots: bool
-) -> SweepReport:
-    rank, world_size = ranks.rank, ranks.world_size
-    samples = load_samples(config.dataset)
-    if limit is not None:
-        samples = samples[:limit]
-    mine = shard(samples, rank, world_size)
-    device = config.device or ranks.device()
-    if world_size > 1 and device == "cuda":
-        device = ranks.device()  # one GPU per rank, not all on cuda:0
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))  # timing sync and peak memory read this GPU
-    torch.manual_seed(config.seed)
-    model, processor, adapter, model_id = _load(config, device)
-    try:
-        llm: LLMShape | None = LLMShape.from_config(model.config)
-    except ConfigError:
-        llm = None
-    pipelines = []
-    for point in points:
-        spec = dict(point.config)
-        if spec.get("adapter") is None:
-            spec["adapter"] = {"name": adapter}
-        pipelines.append((point, Pipeline.from_dict(spec)))
-    config.output.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        (config.output / "grid.json").write_text(
-            json.dumps([{"index": p.index, "overrides": p.overrides, "config": p.config} for p in points], indent=2, default=str),
-            encoding="utf-8",
-        )
-    ran = skipped = failed = 0
-    # everything besides the pipeline that changes a row's outcome is part of its key, so
-    # a changed prompt, generation setting, dtype or dataset never reuses old rows
-    run_settings = {
+def _model_id(config: SweepConfig) -> str:
+    return "builtin:tiny-llava-next" if config.model == BUILTIN_MODEL else str(Path(config.model).resolve())
+
+
+def _run_settings(config: SweepConfig) -> dict[str, Any]:
+    """Everything besides the pipeline and model that changes a row's outcome."""
+    return {
         "prompt": config.prompt,
         "generation": config.generation,
         "dtype": config.dtype,
         "dataset": config.dataset if isinstance(config.dataset, (str, dict)) else str(config.dataset),
         "metrics": list(config.metrics),
+        "seed": config.seed,
     }
-    # a row's key: (grid point id, sample id); the id depends on the pipeline only
-    keyed = [(grid_point_id({**pipe.to_dict(), "run": run_settings}, model_id), pipe) for _, pipe in pipelines]
-    work = [(grid_point, pipe, sample) for grid_point, pipe in keyed for sample in mine]
-    with ResultsStore.for_rank(config.output, rank) as store:
-        pending = [item for item in work if not store.is_done(item[0], item[2].id)]
-        if pending:  # one untimed run first: lazy imports and first-call set-up must not count
-            _, pipe, sample = pending[0]
-            warm = SweepConfig(**{**config.__dict__, "generation": {**config.generation, "max_new_tokens": 1}})
-            try:
-                _evaluate(pipe, model, processor, sample, warm, llm)
-            except TokenpruneError:
-                pass  # the real run records the error
-        for grid_point, pipe, sample in progress(work, total=len(work), description=f"{config.name} [rank {rank}]", force=show_progress, rank=rank):
-            if store.is_done(grid_point, sample.id):
-                skipped += 1
-                continue
-            row = ResultRow(
-                grid_point=grid_point,
-                sample_id=sample.id,
-                model=model_id,
-                config=pipe.to_dict(),
-                category=sample.category,
-                question=sample.question,
-                answers=list(sample.answers),
-                rank=rank,
-            ).to_dict()
-            try:
-                row.update(_evaluate(pipe, model, processor, sample, config, llm))
-                ran += 1
-            except (TokenpruneError, torch.OutOfMemoryError) as error:  # recorded, not fatal
-                row["error"] = f"{type(error).__name__}: {error}"
-                failed += 1
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            store.append(row)
+
+
+def _claim_folder(config: SweepConfig, run: dict[str, Any], ranks: _Ranks, mix_settings: bool) -> None:
+    """Refuse a folder that holds rows of other settings (unless mixing), then record ours."""
+    manifest = config.output / "sweep.json"
+    try:
+        runs = json.loads(manifest.read_text(encoding="utf-8"))["runs"] if manifest.exists() else []
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"{manifest} is damaged; move it away (it lists the settings of the folder's rows)") from None
+    known = json.loads(json.dumps(run, default=str))
+    if runs and known not in runs and not mix_settings:
+        before, now = flatten_settings(runs[-1]), flatten_settings(known)
+        changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+        shown = "; ".join(f"{k}: {before.get(k, 'unset')} -> {now.get(k, 'unset')}" for k in changed[:4])
+        raise ConfigError(
+            f"{config.output} holds results of other settings ({shown}); use another output folder, or pass "
+            "--mix-settings to add these rows beside them (labelled by their settings)"
+        )
+    ranks.barrier()  # every rank has read the manifest before rank 0 adds to it
+    if ranks.rank == 0 and known not in runs:
+        _write_json(manifest, {"runs": [*runs, known]})
+
+
+def _write_json(path: Path, data: Any) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _write_grid(config: SweepConfig, points: list[GridPoint], ids: list[str], settings: dict[str, Any]) -> None:
+    """``grid.json``: every grid point the folder's rows come from, this run's added or updated."""
+    path = config.output / "grid.json"
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
+    except (OSError, ValueError):
+        entries = []
+    by_id = {e["grid_point"]: e for e in entries if isinstance(e, dict) and isinstance(e.get("grid_point"), str)}
+    for point, grid_point in zip(points, ids):
+        by_id[grid_point] = {
+            "grid_point": grid_point, "index": point.index, "overrides": point.overrides, "config": point.config,
+            "settings": settings,
+        }  # fmt: skip
+    _write_json(path, list(by_id.values()))
+
+
+def _run(
+    config: SweepConfig,
+    points: list[GridPoint],
+    ranks: _Ranks,
+    *,
+    limit: int | None,
+    show_progress: bool | None,
+    plots: bool,
+    retry_failed: bool,
+    mix_settings: bool,
+) -> SweepReport:
+    rank, world_size = ranks.rank, ranks.world_size
+    model_id, settings = _model_id(config), _run_settings(config)
+    with ResultsStore.for_rank(config.output, rank) as store:  # the lock: one sweep per folder
+        _claim_folder(config, {"model": model_id, "settings": settings}, ranks, mix_settings)
+        samples = load_samples(config.dataset)
+        if limit is not None:
+            samples = samples[:limit]
+        mine = shard(samples, rank, world_size)
+        # a row's key: (grid point id, sample id); the id covers the pipeline, model and settings
+        # (the model decides a missing adapter, so the pipeline's own config suffices)
+        keyed = [(grid_point_id({**point.config, "run": settings}, model_id), point) for point in points]
+        if rank == 0:
+            _write_grid(config, points, [grid_point for grid_point, _ in keyed], settings)
+        work = [(grid_point, point, sample) for grid_point, point in keyed for sample in mine]
+        pending = [
+            item for item in work if not store.is_done(item[0], item[2].id, include_failed=not retry_failed)
+        ]
+        ran = failed = 0
+        if pending:
+            ran, failed = _compute(config, pending, len(work), store, ranks, model_id, settings, show_progress)
     written: dict[str, Path] = {}
-    ranks.barrier()  # every shard is complete before rank 0 merges
+    ranks.barrier(final=True)  # every shard is complete before rank 0 merges
     if rank == 0:
         merge(config.output)
         written = write_report(config.output / "results.jsonl", config.output, plots=plots)
         written["results"] = config.output / "results.jsonl"
+    skipped = len(work) - len(pending)
     return SweepReport(config.output, len(points), len(samples), ran, skipped, failed, rank, world_size, written)
+
+
+def _compute(
+    config: SweepConfig,
+    pending: list[tuple[str, GridPoint, Sample]],
+    total: int,
+    store: ResultsStore,
+    ranks: _Ranks,
+    model_id: str,
+    settings: dict[str, Any],
+    show_progress: bool | None,
+) -> tuple[int, int]:
+    """Load the model and compute the pending rows; returns (ran, failed)."""
+    device = config.device or ranks.device()
+    if ranks.world_size > 1 and device == "cuda":
+        device = ranks.device()  # one GPU per rank, not all on cuda:0
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))  # timing sync and peak memory read this GPU
+    torch.manual_seed(config.seed)
+    model, processor, adapter, _ = _load(config, device)
+    try:
+        llm: LLMShape | None = LLMShape.from_config(model.config)
+    except ConfigError:
+        llm = None
+    pipelines: dict[int, Pipeline] = {}
+    for _, point, _ in pending:
+        if point.index not in pipelines:
+            spec = dict(point.config)
+            if spec.get("adapter") is None:
+                spec["adapter"] = {"name": adapter}
+            pipelines[point.index] = Pipeline.from_dict(spec)
+    # one untimed run first: lazy imports and first-call set-up must not count
+    _, point, sample = pending[0]
+    warm = SweepConfig(**{**config.__dict__, "generation": {**config.generation, "max_new_tokens": 1}})
+    try:
+        _evaluate(pipelines[point.index], model, processor, sample, warm, llm)
+    except Exception:  # noqa: BLE001 - the real run records the error
+        pass
+    ran = failed = 0
+    bar = progress(
+        pending,
+        total=total,
+        initial=total - len(pending),  # rows done before count as done, not as work this run did
+        description=f"{config.name} [rank {ranks.rank}]",
+        force=show_progress,
+        rank=ranks.rank,
+    )
+    for grid_point, point, sample in bar:
+        pipe = pipelines[point.index]
+        row = ResultRow(
+            grid_point=grid_point,
+            sample_id=sample.id,
+            model=model_id,
+            config=pipe.to_dict(),
+            category=sample.category,
+            question=sample.question,
+            answers=list(sample.answers),
+            rank=ranks.rank,
+            settings=settings,
+        ).to_dict()
+        try:
+            row.update(_evaluate(pipe, model, processor, sample, config, llm))
+            ran += 1
+        except Exception as error:  # noqa: BLE001 - any per-sample failure is that sample's row
+            row["error"] = f"{type(error).__name__}: {' '.join(str(error).split())}"
+            failed += 1
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        row["finished_at"] = time.time()
+        store.append(row)
+    return ran, failed
 
 
 def add_sweep_parser(sub: Any) -> None:
@@ -433,8 +602,17 @@ def add_sweep_parser(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("config", help="sweep config (.yaml, .yml or .toml)")
-    parser.add_argument("--limit", type=int, help="only the first N samples (a quick look)")
+    parser.add_argument("--limit", type=int, help="only the first N samples, N >= 1 (a quick look)")
     parser.add_argument("--no-plots", action="store_true", help="write the tables only")
+    parser.add_argument(
+        "--skip-failed", action="store_true", help="keep rows that failed before instead of re-attempting them"
+    )
+    parser.add_argument(
+        "--mix-settings",
+        action="store_true",
+        help="add rows of other settings (prompt, generation, model, ...) to a folder that holds some; "
+        "rows and labels then carry their settings",
+    )
     bar = parser.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="always draw the progress bar")
     bar.add_argument("--no-progress", dest="progress", action="store_false", help="never draw it")
@@ -442,7 +620,14 @@ def add_sweep_parser(sub: Any) -> None:
 
 
 def _cmd_sweep(args: Any) -> int:
-    report = run_sweep(args.config, limit=args.limit, show_progress=args.progress, plots=not args.no_plots)
+    report = run_sweep(
+        args.config,
+        limit=args.limit,
+        show_progress=args.progress,
+        plots=not args.no_plots,
+        retry_failed=not args.skip_failed,
+        mix_settings=args.mix_settings,
+    )
     who = f"rank {report.rank}/{report.world_size}: " if report.world_size > 1 else ""
     print(
         f"{who}{report.grid_points} grid points x {report.samples} samples: ran {report.ran}, "
@@ -454,4 +639,7 @@ def _cmd_sweep(args: Any) -> int:
         print(to_markdown(summaries))
         for name, path in sorted(report.written.items()):
             print(f"wrote {name}: {path}")
+    if report.failed and not report.ran:
+        print(f"{who}every row this run computed failed; see the 'error' field of the rows", file=sys.stderr)
+        return 1
     return 0
