@@ -496,6 +496,7 @@ def _with_relevance(signals: Signals, relevance: torch.Tensor, prompt: str | Non
         relevance=relevance.to(torch.float32),
         prompt=prompt,
         num_layers=signals.num_layers,
+        received_attention=signals.received_attention,
     )
 
 
