@@ -1,0 +1,360 @@
+"""Adapters ``qwen2_5_vl`` and ``qwen2_vl``: Qwen2.5-VL and Qwen2-VL through their own ``generate``.
+
+What differs from the LLaVA family, and how it is handled:
+
+* **Dynamic resolution, no tiles.** Each image is one partition: its merged (LLM-visible)
+  token grid of ``rows x cols = (h / 2) x (w / 2)`` patches (``image_grid_thw`` is in patch
+  units). The grid is generally not square; its :class:`~tokenprune.Layout` is the
+  ``max(rows, cols)`` square with the grid in the top-left corner (``Layout.grid``), the rest
+  padding that no strategy keeps and no budget counts. A fraction budget is a fraction of the
+  image's ``rows * cols`` merged tokens, floored.
+* **No CLS token.** CLS-attention strategies (``cls_final``, ``hired``, ``hero``, ``prumerge``,
+  ``prumerge_plus``) are refused when the pipeline is built; the tap serves merger features,
+  attention received and keys (:mod:`tokenprune.adapters.taps.qwen_vit`).
+* **M-RoPE positions.** Every LLM token carries ``(t, h, w)`` rotary positions computed from
+  the input ids and ``image_grid_thw`` by the model's own ``get_rope_index``, which always
+  lays out a whole grid for an image run. The adapter computes the stock positions on the
+  unpruned prompt, deletes the columns of the pruned image tokens, and hands ``generate``
+  explicit ``position_ids`` (``[4, B, L]``: the 1-D text positions of the pruned sequence, for
+  the attention mask, then the three M-RoPE rows). ``generate`` extends them by one per new
+  token, as it does for the stock prompt, so every kept token, every text token and every
+  generated token keeps its stock position.
+
+The pruned prompt is the stock prompt with some image tokens deleted, nothing else changed.
+transformers is imported lazily.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tokenprune.contracts import Adapter, BudgetAllocator, Layout, Selection, Selector, Signals
+from tokenprune.errors import ConfigError, IncompatibleError, TokenpruneError
+from tokenprune.registry import register_adapter
+
+from ._llava_family import ImageTokens, LlavaImageStats, _as_list, _images_of, _with_prefill
+
+if TYPE_CHECKING:
+    from tokenprune.pipeline import Pipeline
+
+__all__ = ["Qwen2VLAdapter", "Qwen2_5_VLAdapter", "merged_layout", "stock_positions", "prune_sequence"]
+
+
+# ---------------------------------------------------------------------------- geometry
+
+
+def merged_layout(rows: int, cols: int, image_size: tuple[int, int] | None = None) -> Layout:
+    """The :class:`Layout` of a ``rows x cols`` merged-token grid (one partition, ``Layout.grid``)."""
+    side = max(rows, cols)
+    valid = torch.zeros(side, side, dtype=torch.bool)
+    valid[:rows, :cols] = True
+    return Layout(side, (0, 0), False, valid.view(1, -1), None, image_size, grid=(rows, cols))
+
+
+def _square_index(rows: int, cols: int, device: torch.device | None = None) -> torch.Tensor:
+    """Index in the layout's square of each merged token, in raster order ``[rows * cols]``."""
+    side = max(rows, cols)
+    r = torch.arange(rows, device=device)[:, None]
+    c = torch.arange(cols, device=device)[None, :]
+    return (r * side + c).flatten()
+
+
+def _to_square(raster: torch.Tensor, rows: int, cols: int, dim: int) -> torch.Tensor:
+    """``raster`` (``rows * cols`` along ``dim``) embedded in the layout's square, zeros elsewhere."""
+    side = max(rows, cols)
+    shape = list(raster.shape)
+    shape[dim] = side * side
+    out = raster.new_zeros(shape)
+    out.index_copy_(dim, _square_index(rows, cols, raster.device), raster)
+    return out
+
+
+def _raster_of(indices: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Layout-square indices back to raster indices of the merged grid (order kept)."""
+    side = max(rows, cols)
+    return (indices // side) * cols + indices % side
+
+
+# ---------------------------------------------------------------------------- positions
+
+
+def stock_positions(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_grid_thw: torch.Tensor
+) -> torch.Tensor:
+    """The M-RoPE positions ``[3, B, L]`` the stock model gives the unpruned prompt.
+
+    Calls the model's own ``get_rope_index`` (with ``mm_token_type_ids`` where this
+    transformers version takes them).
+    """
+    base = getattr(model, "model", model)
+    config = model.config
+    token_types = (input_ids == config.image_token_id).to(torch.int32)
+    token_types = token_types + 2 * (input_ids == config.video_token_id).to(torch.int32)
+    kwargs: dict[str, Any] = {"image_grid_thw": image_grid_thw, "attention_mask": attention_mask}
+    if "mm_token_type_ids" in inspect.signature(base.get_rope_index).parameters:
+        kwargs["mm_token_type_ids"] = token_types
+    positions, _ = base.get_rope_index(input_ids, **kwargs)
+    return positions
+
+
+def prune_sequence(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: torch.Tensor,
+    keep_image: torch.Tensor,
+    image_token_id: int,
+    pad_token_id: int,
+) -> dict[str, torch.Tensor]:
+    """Delete the pruned image tokens from a left-padded batch; everything else keeps its place.
+
+    Args:
+        input_ids, attention_mask: ``[B, L]`` of the stock prompt (left padding).
+        positions: ``[3, B, L]`` its stock M-RoPE positions.
+        keep_image: bool, one entry per image token of the batch in row-major order.
+
+    Returns ``input_ids``, ``attention_mask`` (left padded again) and ``position_ids``
+    ``[4, B, L']``: the pruned sequence's 1-D text positions (as ``generate`` derives them
+    from the mask), then the stock M-RoPE rows of the tokens that remain.
+    """
+    real = attention_mask.bool()
+    is_image = input_ids == image_token_id
+    keep = real.clone()
+    keep[is_image] = keep_image.to(keep.device) & real[is_image]
+    lengths = keep.sum(dim=1)
+    width = int(lengths.max()) if lengths.numel() else 0
+    column = (width - lengths)[:, None] + keep.long().cumsum(dim=1) - 1  # left padding
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(keep)
+    ids = input_ids.new_full((input_ids.shape[0], width), pad_token_id)
+    ids[rows[keep], column[keep]] = input_ids[keep]
+    mask = attention_mask.new_zeros((input_ids.shape[0], width))
+    mask[rows[keep], column[keep]] = 1
+    mrope = positions.new_zeros((3, input_ids.shape[0], width))
+    mrope[:, rows[keep], column[keep]] = positions[:, keep]
+    text = (mask.long().cumsum(dim=1) - 1).masked_fill(mask == 0, 0)
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": torch.cat([text[None].to(mrope.dtype), mrope]),
+    }
+
+
+# ---------------------------------------------------------------------------- adapter
+
+
+class _NoClsTower:
+    """Stands for a Qwen tower in the shared CLS check, before any model exists."""
+
+    has_cls_token = False
+    serves_received_attention = True
+    num_layers = 1 << 16
+    tower_name = "Qwen2-VL / Qwen2.5-VL vision"
+
+
+@register_adapter("qwen2_5_vl")
+@dataclass(frozen=True)
+class Qwen2_5_VLAdapter(Adapter):
+    """Qwen2.5-VL and Qwen2-VL: one partition per image, the merged token grid; M-RoPE kept.
+
+    No options. See the module docstring for the geometry and the positions.
+    """
+
+    model_classes = ("Qwen2_5_VLForConditionalGeneration", "Qwen2VLForConditionalGeneration")
+    processor_classes = ("Qwen2_5_VLProcessor", "Qwen2VLProcessor")
+
+    # ------------------------------------------------------------------ checks
+    def check_parts(self, allocator: BudgetAllocator, selector: Selector) -> None:
+        from tokenprune.adapters.taps import check_needs
+
+        for part, who in ((allocator, "allocator"), (selector, "selector")):
+            label = f"{who} {part.registry_name or type(part).__name__!r}"
+            check_needs(_NoClsTower(), part.needs, label)  # type: ignore[arg-type]
+            if part.needs.relevance:
+                raise IncompatibleError(
+                    f"{label} needs prompt relevance, which the {self.registry_name!r} adapter does not "
+                    "compute (no CLIP scorer for Qwen towers); use a strategy without relevance"
+                )
+
+    def check_model(self, model: Any, processor: Any = None) -> None:
+        """Raise :class:`IncompatibleError` unless ``model`` / ``processor`` are Qwen2(.5)-VL."""
+        name = self.registry_name or type(self).__name__
+        names = [cls.__name__ for cls in type(model).__mro__]
+        if not any(cls in self.model_classes for cls in names):
+            raise IncompatibleError(
+                f"adapter {name!r} works with {', '.join(self.model_classes)}; got a {type(model).__name__}. "
+                "Pick the adapter for that model family (tokenprune list adapters)."
+            )
+        if processor is None:
+            return
+        if not any(cls.__name__ in self.processor_classes for cls in type(processor).__mro__):
+            raise IncompatibleError(
+                f"adapter {name!r} needs a {' or '.join(self.processor_classes)}; got a {type(processor).__name__}"
+            )
+        if processor.image_token_id != model.config.image_token_id:
+            raise IncompatibleError(
+                f"processor image_token_id={processor.image_token_id} but the model's is "
+                f"{model.config.image_token_id}: the processor and model are from different checkpoints"
+            )
+        merge = getattr(processor.image_processor, "merge_size", None)
+        if merge != model.config.vision_config.spatial_merge_size:
+            raise IncompatibleError(
+                f"processor merge_size={merge} but the model merges "
+                f"{model.config.vision_config.spatial_merge_size} x {model.config.vision_config.spatial_merge_size} "
+                "patches: the processor and model are from different checkpoints"
+            )
+
+    # ------------------------------------------------------------------ pruning
+    def _tap(self, pipeline: Pipeline, model: Any) -> Any:
+        from tokenprune.adapters.taps import QwenVisionTap, check_needs
+
+        tap = QwenVisionTap(getattr(model, "model", model).visual)
+        check_needs(tap, pipeline.allocator.needs, f"allocator {pipeline._part_label('allocator')}")
+        check_needs(tap, pipeline.selector.needs, f"selector {pipeline._part_label('selector')}")
+        return tap
+
+    def prune_images(
+        self, pipeline: Pipeline, model: Any, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
+        image_sizes: Sequence[tuple[int, int] | None],
+    ) -> list[ImageTokens]:
+        """Tower once (with the tap) over every image, allocate, select; kept LLM embeddings per image."""
+        tap = self._tap(pipeline, model)
+        tower = tap.tower
+        parameter = next(tower.parameters())
+        grid = image_grid_thw.to(parameter.device)
+        with torch.inference_mode(), tap.capture(pipeline.needs) as record:
+            tower(pixel_values.to(device=parameter.device, dtype=parameter.dtype), grid_thw=grid)
+        layouts, signals = [], []
+        features = record.features()
+        received = {layer: record.received_attention(layer) for layer in record.needs.received_attention}
+        keys = {layer: record.keys(layer) for layer in record.needs.keys}
+        for index, ((frames, rows, cols), size) in enumerate(zip(record.merged_grids(), image_sizes)):
+            if frames != 1:
+                raise IncompatibleError(f"image {index} has {frames} temporal patches; images have one")
+            layouts.append(merged_layout(rows, cols, size))
+            signals.append(
+                Signals(
+                    features=_to_square(features[index], rows, cols, 0)[None],
+                    keys={layer: _to_square(k[index], rows, cols, 0)[None] for layer, k in keys.items()},
+                    received_attention={
+                        layer: _to_square(r[index], rows, cols, 1)[None] for layer, r in received.items()
+                    },
+                    num_layers=tap.num_layers,
+                )
+            )
+        results = pipeline.apply_batch(layouts, signals)
+        images = []
+        for index, (layout, result) in enumerate(zip(layouts, results)):
+            rows, cols = layout.grid  # type: ignore[misc]
+            selection = result.selection
+            if selection.extra_tokens and any(selection.extra_tokens):
+                raise IncompatibleError(
+                    f"selector {pipeline._part_label('selector')} adds summary tokens, which have no stock "
+                    "M-RoPE position on Qwen; use a selector without extra tokens"
+                )
+            raster = _raster_of(selection.indices[0], rows, cols)
+            kept = selection.features[0] if selection.features is not None else features[index][raster.to(features[index].device)]
+            stats = LlavaImageStats(
+                image_size=layout.image_size,
+                partitions=result.stats.partitions,
+                full_tokens=result.stats.full_tokens,
+                stock_image_tokens=rows * cols,
+                budget=result.stats.budget,
+                allocated=result.stats.allocated,
+                kept=result.stats.kept,
+                newline_tokens=0,
+                image_tokens=int(kept.shape[0]),
+            )
+            images.append(ImageTokens(kept, layout, Selection(indices=(raster,), features=selection.features), stats))
+        return images
+
+    # ------------------------------------------------------------------ prepare
+    def prepare(
+        self,
+        pipeline: Pipeline,
+        model: Any,
+        processor: Any,
+        images: Any,
+        text: str | Sequence[str],
+        question: str | Sequence[str] | None = None,
+        **tokenizer_kwargs: Any,
+    ) -> dict[str, Any]:
+        """kwargs for ``model.generate``: pruned ``input_ids``, ``attention_mask``, explicit
+        ``position_ids`` and the kept image embeddings as ``mm_encoder_outputs``."""
+        self.check_model(model, processor)
+        image_list = _as_list(images, "images")
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ConfigError(f"text must be a string or a list of strings, got {type(text).__name__}")
+        token = processor.image_token
+        counts = [t.count(token) for t in texts]
+        if sum(counts) != len(image_list):
+            raise ConfigError(
+                f"the texts hold {sum(counts)} image token(s) {token!r} but {len(image_list)} image(s) were "
+                "given; each image needs exactly one (processor.apply_chat_template writes "
+                "'<|vision_start|><|image_pad|><|vision_end|>' per image)"
+            )
+        self._tap(pipeline, model)  # strategy/tower checks before the processor or tower runs
+        try:
+            inputs = processor.image_processor(image_list, return_tensors="pt")
+        except Exception as error:  # the processor's own message says what it rejects
+            raise ConfigError(f"the image processor rejected the images: {type(error).__name__}: {error}") from error
+        grid = inputs["image_grid_thw"]
+        sizes = [_size_of(image) for image in image_list]
+        pruned = self.prune_images(pipeline, model, inputs["pixel_values"], grid, sizes)
+        merge = model.config.vision_config.spatial_merge_size
+        stock_counts = (grid.prod(dim=-1) // merge**2).tolist()
+        replacements = iter(token * count for count in stock_counts)
+        expanded = ["".join(part + (next(replacements) if i < t.count(token) else "") for i, part in enumerate(t.split(token))) for t in texts]
+        tokenizer_kwargs.setdefault("padding", True)
+        tokenizer_kwargs.setdefault("padding_side", "left")
+        tokenized = processor.tokenizer(expanded, return_tensors="pt", **tokenizer_kwargs)
+        input_ids, attention_mask = tokenized["input_ids"], tokenized["attention_mask"]
+        image_token_id = model.config.image_token_id
+        if int((input_ids == image_token_id).sum()) != sum(stock_counts):
+            raise TokenpruneError(
+                f"the tokenizer produced {int((input_ids == image_token_id).sum())} image tokens, expected "
+                f"{sum(stock_counts)}: the image token {token!r} must be a single special token"
+            )
+        positions = stock_positions(model, input_ids, attention_mask, grid)
+        keep_image = torch.cat([_kept_mask(image, count) for image, count in zip(pruned, stock_counts)])
+        pad_id = processor.tokenizer.pad_token_id
+        out = prune_sequence(input_ids, attention_mask, positions, keep_image, image_token_id, pad_id if pad_id is not None else 0)
+        lengths = out["attention_mask"].sum(dim=1).tolist()
+        pipeline._record(
+            [
+                ImageTokens(image.embeddings, image.layout, image.selection, _with_prefill(image.stats, int(lengths[row])))
+                for row in range(len(texts))
+                for image in _images_of(pruned, counts, row)
+            ]
+        )
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        device = next(model.parameters()).device
+        dtype = model.get_input_embeddings().weight.dtype
+        embeddings = tuple(image.embeddings.to(device=device, dtype=dtype) for image in pruned)
+        return {
+            **{key: value.to(device) for key, value in out.items()},
+            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=embeddings)},
+        }
+
+
+@register_adapter("qwen2_vl")
+@dataclass(frozen=True)
+class Qwen2VLAdapter(Qwen2_5_VLAdapter):
+    """Qwen2-VL (alias of ``qwen2_5_vl``: the same code serves both families)."""
+
+
+def _size_of(image: Any) -> tuple[int, int] | None:
+    size = getattr(image, "size", None)  # PIL: (width, height)
+    return (int(size[1]), int(size[0])) if isinstance(size, tuple) and len(size) == 2 else None
+
+
+def _kept_mask(image: ImageTokens, count: int) -> torch.Tensor:
+    """bool ``[count]``: which of the image's stock tokens (raster order) are kept."""
+    mask = torch.zeros(count, dtype=torch.bool)
+    mask[image.selection.indices[0].cpu()] = True
+    return mask
