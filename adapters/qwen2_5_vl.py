@@ -268,8 +268,29 @@ class Qwen2_5_VLAdapter(Adapter):
                 newline_tokens=0,
                 image_tokens=int(kept.shape[0]),
             )
-            images.append(ImageTokens(kept, layout, Selection(indices=(raster,), features=selection.features), stats))
+            images.append(ImageTokens(kept, layout, selection, stats))
         return images
+
+    # ------------------------------------------------------------------ pictures (tokenprune run / show)
+    def _image_inputs(self, processor: Any, images: list[Any]) -> dict[str, Any]:
+        inputs = processor.image_processor(images, return_tensors="pt")
+        return {"pixel_values": inputs["pixel_values"], "image_sizes": inputs["image_grid_thw"]}
+
+    def _crops_and_layouts(
+        self, model: Any, processor: Any, pixel_values: torch.Tensor, image_sizes: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[Layout], list[Any]]:
+        """Per image, the resized image as the tower saw it, padded to its layout's square."""
+        vision = model.config.vision_config
+        merge, patch, channels = vision.spatial_merge_size, vision.patch_size, vision.in_channels
+        crops, layouts = [], []
+        for patches, (frames, height, width) in zip(pixel_values.split((image_sizes.prod(-1)).tolist()), image_sizes.tolist()):
+            rows, cols = height // merge, width // merge
+            blocks = patches.view(rows, cols, merge, merge, channels, -1, patch, patch)[:, :, :, :, :, 0]
+            picture = blocks.permute(4, 0, 2, 5, 1, 3, 6).reshape(channels, height * patch, width * patch)
+            side = max(rows, cols) * merge * patch
+            crops.append(torch.nn.functional.pad(picture, (0, side - width * patch, 0, side - height * patch))[None])
+            layouts.append(merged_layout(rows, cols))
+        return crops, layouts, [None] * len(crops)
 
     # ------------------------------------------------------------------ prepare
     def prepare(
@@ -355,6 +376,7 @@ def _size_of(image: Any) -> tuple[int, int] | None:
 
 def _kept_mask(image: ImageTokens, count: int) -> torch.Tensor:
     """bool ``[count]``: which of the image's stock tokens (raster order) are kept."""
+    rows, cols = image.layout.grid  # type: ignore[misc]
     mask = torch.zeros(count, dtype=torch.bool)
-    mask[image.selection.indices[0].cpu()] = True
+    mask[_raster_of(image.selection.indices[0].cpu(), rows, cols)] = True
     return mask

@@ -26,7 +26,11 @@ __all__ = ["add_run_parser", "run", "show", "load_model"]
 _ADAPTER_OF_CLASS = {
     "LlavaNextForConditionalGeneration": "llava_next",
     "LlavaForConditionalGeneration": "llava",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+    "Qwen2VLForConditionalGeneration": "qwen2_vl",
 }
+#: Default strategies where the model's tower has no CLS token (HiRED's need one).
+_CLS_FREE_DEFAULTS = {"allocator": "equal", "selector": "dart"}
 
 
 def load_model(path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None) -> tuple[Any, Any, str]:
@@ -107,6 +111,8 @@ def _model_image_pipeline(args: argparse.Namespace) -> tuple[Any, Any, str, Any,
 
         image, image_name = sample_image(), "built-in sample picture"
     spec: dict[str, Any] = {"adapter": detected, "allocator": "hired", "selector": "cls_final", "budget": "0.2"}
+    if detected.startswith("qwen"):
+        spec.update(_CLS_FREE_DEFAULTS)
     if getattr(args, "config", None):
         from .experiments.sweep import _read
 
