@@ -26,8 +26,10 @@ transformers is imported lazily.
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +39,15 @@ from tokenprune.contracts import Adapter, BudgetAllocator, Layout, Selection, Se
 from tokenprune.errors import ConfigError, IncompatibleError, TokenpruneError
 from tokenprune.registry import register_adapter
 
-from ._llava_family import ImageTokens, LlavaImageStats, _as_list, _images_of, _with_prefill
+from ._llava_family import (
+    _MISSING,
+    ImageTokens,
+    LlavaFamilyAdapter,
+    LlavaImageStats,
+    _as_list,
+    _images_of,
+    _with_prefill,
+)
 
 if TYPE_CHECKING:
     from tokenprune.pipeline import Pipeline
@@ -357,6 +367,107 @@ class Qwen2_5_VLAdapter(Adapter):
         device = next(model.parameters()).device
         dtype = model.get_input_embeddings().weight.dtype
         embeddings = tuple(image.embeddings.to(device=device, dtype=dtype) for image in pruned)
+        return {
+            **{key: value.to(device) for key, value in out.items()},
+            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=embeddings)},
+        }
+
+
+    # ------------------------------------------------------------------ attach
+    @contextmanager
+    def attach(self, pipeline: Pipeline, model: Any, processor: Any) -> Iterator[None]:
+        """Per-instance wrappers: the processor writes ``K`` image tokens per image and the
+        model's ``generate`` prunes the pixels it is given and supplies the stock positions.
+
+        ``K`` must be known before the model runs: an exact allocator and a non-adaptive
+        selector. Leaving the context restores the processor and the model exactly.
+        """
+        self.check_model(model, processor)
+        LlavaFamilyAdapter._require_fixed(self, pipeline)  # type: ignore[arg-type]
+        self._tap(pipeline, model)
+        adapter = self
+        merge = model.config.vision_config.spatial_merge_size
+
+        def fixed_count(grid_row: Any) -> int:
+            _, height, width = (int(v) for v in grid_row)
+            layout = merged_layout(height // merge, width // merge)
+            return min(pipeline.image_budget(layout), int(layout.capacity.sum()))
+
+        original_replace = processor.replace_image_token
+
+        @functools.wraps(original_replace)
+        def replace_image_token(image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+            return processor.image_token * fixed_count(image_inputs["image_grid_thw"][image_idx])
+
+        original_generate = model.generate
+
+        @functools.wraps(original_generate)
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            pixel_values = kwargs.get("pixel_values")
+            if pixel_values is None or kwargs.get("mm_encoder_outputs") is not None:
+                return original_generate(*args, **kwargs)
+            input_ids = kwargs.pop("input_ids", args[0] if args else None)
+            grid = kwargs.pop("image_grid_thw")
+            attention_mask = kwargs.pop("attention_mask", None)
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            for name in ("pixel_values", "mm_token_type_ids", "position_ids"):
+                kwargs.pop(name, None)
+            pruned = adapter.prune_images(pipeline, model, pixel_values, grid, [None] * int(grid.shape[0]))
+            pipeline._record(pruned)
+            inputs = adapter._from_attached(model, processor, input_ids, attention_mask, grid, pruned)
+            return original_generate(*args[1:], **kwargs, **inputs)
+
+        wrappers = {(processor, "replace_image_token"): replace_image_token, (model, "generate"): generate}
+        saved = {key: key[0].__dict__.get(key[1], _MISSING) for key in wrappers}
+        for (owner, name), wrapper in wrappers.items():
+            setattr(owner, name, wrapper)
+        try:
+            yield
+        finally:
+            for (owner, name), previous in saved.items():
+                if previous is _MISSING:
+                    owner.__dict__.pop(name, None)
+                else:
+                    setattr(owner, name, previous)
+
+    def _from_attached(
+        self, model: Any, processor: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        grid: torch.Tensor, pruned: list[ImageTokens],
+    ) -> dict[str, Any]:
+        """generate kwargs for a prompt the attached processor wrote with ``K`` tokens per image:
+        rebuild the stock prompt (each run back to the full grid), take its positions, prune."""
+        image_token_id = model.config.image_token_id
+        kept = [image.stats.image_tokens for image in pruned]
+        full = [image.stats.stock_image_tokens for image in pruned]
+        if int((input_ids == image_token_id).sum()) != sum(kept):
+            raise TokenpruneError(
+                f"the prompt holds {int((input_ids == image_token_id).sum())} image tokens but the pruned "
+                f"images keep {sum(kept)}: call the processor inside the same attach block as generate"
+            )
+        rows, image = [], 0
+        for ids in (row[mask.bool()] for row, mask in zip(input_ids.cpu(), attention_mask.cpu())):
+            pieces, start = [], 0
+            starts = torch.nonzero(ids == image_token_id).flatten()
+            while start < ids.numel() and starts.numel() and image < len(kept):
+                first = int(starts[0])
+                pieces += [ids[start:first], ids.new_full((full[image],), image_token_id)]
+                start = first + kept[image]
+                starts = starts[starts >= start]
+                image += 1
+            rows.append(torch.cat([*pieces, ids[start:]]))
+        width = max(row.numel() for row in rows)
+        pad_id = processor.tokenizer.pad_token_id or 0
+        stock_ids = torch.stack([torch.cat([row.new_full((width - row.numel(),), pad_id), row]) for row in rows])
+        stock_mask = torch.stack([torch.arange(width) >= width - row.numel() for row in rows]).long()
+        positions = stock_positions(model, stock_ids, stock_mask, grid.cpu())
+        keep_image = torch.cat([_kept_mask(item, count) for item, count in zip(pruned, full)])
+        out = prune_sequence(stock_ids, stock_mask, positions, keep_image, image_token_id, pad_id)
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        device = input_ids.device
+        dtype = model.get_input_embeddings().weight.dtype
+        embeddings = tuple(item.embeddings.to(device=device, dtype=dtype) for item in pruned)
         return {
             **{key: value.to(device) for key, value in out.items()},
             "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=embeddings)},

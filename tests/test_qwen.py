@@ -340,3 +340,29 @@ def test_run_on_a_saved_tiny_qwen_checkpoint(tmp_path, capsys):
     assert "adapter:   qwen2_5_vl(" in printed and "selector:  dart(" in printed
     assert "image tokens to the LLM                        4        18" in printed
     assert (tmp_path / "k.png").is_file()
+
+
+def test_attach_prunes_the_processor_and_generate_calls_of_a_harness(qwen25):
+    model, processor = qwen25
+    images, texts = [_noise(40, 90, 2), *_images()], [_prompt(processor, images=1), _prompt(processor)]
+    pipe = tp.Pipeline(adapter="qwen2_5_vl", allocator="equal", selector="dart", budget=0.25)
+    prepared_inputs, prepared_calls, prepared_tokens = _pruned_run(pipe, model, processor, images, texts)
+    with pipe.attach(model, processor):
+        inputs = processor(images=[[images[0]], images[1:]], text=texts, return_tensors="pt", padding=True)
+        assert torch.equal(inputs["input_ids"], prepared_inputs["input_ids"])
+        with _LLMInputs(model) as seen, torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    assert torch.equal(out[:, inputs["input_ids"].shape[1] :], prepared_tokens)
+    for (embeds, pos), (want_embeds, want_pos) in zip(seen.calls, prepared_calls):
+        assert torch.equal(pos, want_pos) and torch.equal(embeds, want_embeds)
+    assert "generate" not in model.__dict__ and "replace_image_token" not in processor.__dict__
+    stock = processor(images=[images[1]], text=[_prompt(processor, images=1)], return_tensors="pt")
+    assert int((stock["input_ids"] == model.config.image_token_id).sum()) == 8  # restored: stock count
+
+
+def test_attach_needs_a_fixed_token_count(qwen25):
+    model, processor = qwen25
+    pipe = tp.Pipeline(adapter="qwen2_5_vl", allocator="equal", selector={"name": "spatial", "mode": "pool"}, budget=0.5)
+    with pytest.raises(tp.ConfigError, match="prepare"):
+        with pipe.attach(model, processor):
+            pass
