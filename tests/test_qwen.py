@@ -366,3 +366,32 @@ def test_attach_needs_a_fixed_token_count(qwen25):
     with pytest.raises(tp.ConfigError, match="prepare"):
         with pipe.attach(model, processor):
             pass
+
+
+def test_tiny_qwen_is_deterministic_and_leaves_the_global_rng_alone():
+    state = torch.random.get_rng_state()
+    first, processor = tiny_qwen2_5_vl(seed=7)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    second, _ = tiny_qwen2_5_vl(seed=7)
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
+    vision = first.config.vision_config
+    assert 0 < len(vision.fullatt_block_indexes) < vision.depth  # windowed and full blocks both exist
+    tokens = processor.tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|image_pad|>", "<|video_pad|>", "<|vision_end|>"])
+    assert len(set(tokens)) == 4 and processor.tokenizer.unk_token_id not in tokens
+
+
+def test_the_invariant_suite_covers_the_cls_free_selectors_and_grid_layouts():
+    from hypothesis import given, settings
+
+    from tokenprune import testing as tpt
+
+    assert {"dart", "attention_received"} <= set(tp.list_selectors())
+    seen = []
+
+    @settings(max_examples=200, derandomize=True)
+    @given(tpt.layouts())
+    def collect(layout):
+        seen.append(layout.grid)
+
+    collect()
+    assert any(grid is not None and grid[0] != grid[1] for grid in seen)

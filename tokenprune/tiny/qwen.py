@@ -147,35 +147,46 @@ def _processor(transformers: Any, family: str, tokenizer: Any, image_processor: 
     )
 
 
+#: Vision settings both families share: 4 blocks of width 32, 8-px patches, 2 x 2 merge.
+_VISION = {
+    "depth": TINY_QWEN_VISION_LAYERS,
+    "num_heads": 4,
+    "patch_size": TINY_QWEN_PATCH_SIZE,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+}
+
+
+def _assemble(family: str, vision: dict[str, Any], seed: int, image_processor: str) -> tuple[Any, Any]:
+    """Processor, config and model of ``family`` (the transformers class prefix) around a tiny tower."""
+    transformers = _transformers()
+    tokenizer = tiny_qwen_tokenizer()
+    processor = _processor(transformers, family, tokenizer, image_processor)
+    config = getattr(transformers, f"{family}Config")(
+        vision_config={**_VISION, **vision}, text_config=_text_config(tokenizer), **_special_ids(tokenizer)
+    )
+    model = _build(getattr(transformers, f"{family}ForConditionalGeneration"), config, seed)
+    return _finish(model, tokenizer), processor
+
+
 def tiny_qwen2_5_vl(
     seed: int = 0, *, image_processor: Literal["torchvision", "pil"] = "torchvision"
 ) -> tuple[Any, Any]:
     """A random tiny ``Qwen2_5_VLForConditionalGeneration`` and its ``Qwen2_5_VLProcessor``.
 
     The vision tower has :data:`TINY_QWEN_VISION_LAYERS` blocks, windows of 2 x 2 merged
-    tokens and full attention in blocks :data:`TINY_QWEN_FULL_ATTENTION_BLOCKS`.
+    tokens and full attention in blocks :data:`TINY_QWEN_FULL_ATTENTION_BLOCKS`. The same seed
+    gives the same weights; the global RNG is left untouched.
     """
-    transformers = _transformers()
-    tokenizer = tiny_qwen_tokenizer()
-    processor = _processor(transformers, "Qwen2_5_VL", tokenizer, image_processor)
-    vision = dict(
-        depth=TINY_QWEN_VISION_LAYERS,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=4,
-        out_hidden_size=64,
-        patch_size=TINY_QWEN_PATCH_SIZE,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        window_size=4 * TINY_QWEN_PATCH_SIZE,
-        fullatt_block_indexes=list(TINY_QWEN_FULL_ATTENTION_BLOCKS),
-        tokens_per_second=2,
-    )
-    config = transformers.Qwen2_5_VLConfig(
-        vision_config=vision, text_config=_text_config(tokenizer), **_special_ids(tokenizer)
-    )
-    model = _build(transformers.Qwen2_5_VLForConditionalGeneration, config, seed)
-    return _finish(model, tokenizer), processor
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "out_hidden_size": 64,
+        "window_size": 4 * TINY_QWEN_PATCH_SIZE,
+        "fullatt_block_indexes": list(TINY_QWEN_FULL_ATTENTION_BLOCKS),
+        "tokens_per_second": 2,
+    }
+    return _assemble("Qwen2_5_VL", vision, seed, image_processor)
 
 
 def tiny_qwen2_vl(
@@ -186,21 +197,4 @@ def tiny_qwen2_vl(
     Qwen2-VL's tower has no window attention: every block attends over the whole image. Its
     width is ``vision_config.embed_dim`` (``hidden_size`` there is the LLM width).
     """
-    transformers = _transformers()
-    tokenizer = tiny_qwen_tokenizer()
-    processor = _processor(transformers, "Qwen2VL", tokenizer, image_processor)
-    vision = dict(
-        depth=TINY_QWEN_VISION_LAYERS,
-        embed_dim=32,
-        hidden_size=64,
-        mlp_ratio=2,
-        num_heads=4,
-        patch_size=TINY_QWEN_PATCH_SIZE,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-    )
-    config = transformers.Qwen2VLConfig(
-        vision_config=vision, text_config=_text_config(tokenizer), **_special_ids(tokenizer)
-    )
-    model = _build(transformers.Qwen2VLForConditionalGeneration, config, seed)
-    return _finish(model, tokenizer), processor
+    return _assemble("Qwen2VL", {"embed_dim": 32, "hidden_size": 64, "mlp_ratio": 2}, seed, image_processor)
