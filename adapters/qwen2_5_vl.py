@@ -35,7 +35,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tokenprune.contracts import Adapter, BudgetAllocator, Layout, Selection, Selector, Signals
+from tokenprune.contracts import (
+    Adapter,
+    BudgetAllocator,
+    Layout,
+    Selector,
+    Signals,
+)
 from tokenprune.errors import ConfigError, IncompatibleError, TokenpruneError
 from tokenprune.registry import register_adapter
 
@@ -52,7 +58,7 @@ from ._llava_family import (
 if TYPE_CHECKING:
     from tokenprune.pipeline import Pipeline
 
-__all__ = ["Qwen2VLAdapter", "Qwen2_5_VLAdapter", "merged_layout", "stock_positions", "prune_sequence"]
+__all__ = ["Qwen2VLAdapter", "Qwen2_5_VLAdapter", "merged_layout", "prune_sequence", "stock_positions"]
 
 
 # ---------------------------------------------------------------------------- geometry
@@ -321,6 +327,11 @@ class Qwen2_5_VLAdapter(Adapter):
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ConfigError(f"text must be a string or a list of strings, got {type(text).__name__}")
         token = processor.image_token
+        if any(processor.video_token in t for t in texts):
+            raise ConfigError(
+                f"the texts hold the video token {processor.video_token!r}; the {self.registry_name!r} adapter "
+                "prunes images only (video inputs are not supported yet)"
+            )
         counts = [t.count(token) for t in texts]
         if sum(counts) != len(image_list):
             raise ConfigError(

@@ -7,7 +7,16 @@ from typing import ClassVar, Literal
 
 import torch
 
-from tokenprune import ConfigError, ContractError, Layout, Needs, Selection, Selector, Signals, register_selector
+from tokenprune import (
+    ConfigError,
+    ContractError,
+    Layout,
+    Needs,
+    Selection,
+    Selector,
+    Signals,
+    register_selector,
+)
 from tokenprune.contracts import finite_or_raise
 
 __all__ = ["Dart"]

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
+from tokenprune.adapters.taps import QwenVisionTap, tap_for
 
 import tokenprune as tp
-from tokenprune.adapters.taps import QwenVisionTap, tap_for
 from tokenprune.cli import main
 from tokenprune.tiny import save_tiny, tiny_llava, tiny_qwen2_5_vl, tiny_qwen2_vl
 
@@ -324,6 +324,8 @@ def test_prepare_refuses_a_text_without_one_image_token_per_image(qwen25):
     pipe = tp.Pipeline(adapter="qwen2_5_vl", allocator="equal", selector="dart", budget=0.5)
     with pytest.raises(tp.ConfigError, match="image token"):
         pipe.prepare(model, processor, images=_images(), text=_prompt(processor, images=1))
+    with pytest.raises(tp.ConfigError, match="video"):
+        pipe.prepare(model, processor, images=_images()[:1], text=_prompt(processor, images=1) + "<|video_pad|>")
 
 
 def test_run_on_a_saved_tiny_qwen_checkpoint(tmp_path, capsys):

@@ -44,7 +44,7 @@ from tokenprune.errors import IncompatibleError, SignalError
 
 from ._common import _exclusive, check_needs
 
-__all__ = ["QwenVisionTap", "QwenTapRecord"]
+__all__ = ["QwenTapRecord", "QwenVisionTap"]
 
 _TOWER_TYPES = ("Qwen2_5_VisionTransformerPretrainedModel", "Qwen2VisionTransformerPretrainedModel")
 #: Largest score block (elements) one chunk of queries may hold: ``segments x heads x chunk x keys``.
@@ -123,8 +123,10 @@ class QwenVisionTap(AttentionTap):
 
     framework = "transformers"
     supported_types = (
-        "transformers Qwen2VisionTransformerPretrainedModel / Qwen2_5_VisionTransformerPretrainedModel "
-        "(model.visual of Qwen2-VL / Qwen2.5-VL)",
+        (
+            "transformers Qwen2VisionTransformerPretrainedModel / Qwen2_5_VisionTransformerPretrainedModel "
+            "(model.visual of Qwen2-VL / Qwen2.5-VL)"
+        ),
     )
     #: This tap computes ``Needs.received_attention``.
     serves_received_attention = True

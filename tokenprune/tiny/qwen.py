@@ -26,14 +26,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TINY_QWEN_CHAT_TEMPLATE",
-    "TINY_QWEN_PATCH_SIZE",
-    "TINY_QWEN_MIN_PIXELS",
-    "TINY_QWEN_MAX_PIXELS",
-    "TINY_QWEN_VISION_LAYERS",
     "TINY_QWEN_FULL_ATTENTION_BLOCKS",
-    "tiny_qwen_tokenizer",
+    "TINY_QWEN_MAX_PIXELS",
+    "TINY_QWEN_MIN_PIXELS",
+    "TINY_QWEN_PATCH_SIZE",
+    "TINY_QWEN_VISION_LAYERS",
     "tiny_qwen2_5_vl",
     "tiny_qwen2_vl",
+    "tiny_qwen_tokenizer",
 ]
 
 #: Side of one vision patch in pixels; with the 2 x 2 merge one LLM token is 16 x 16 px.
