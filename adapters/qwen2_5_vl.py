@@ -35,30 +35,39 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tokenprune.adapter import ImageTokens, OrderedTokens, VLMAdapter
 from tokenprune.contracts import (
-    Adapter,
     BudgetAllocator,
     Layout,
+    Partitioner,
+    Selection,
     Selector,
     Signals,
 )
 from tokenprune.errors import ConfigError, IncompatibleError, TokenpruneError
 from tokenprune.registry import register_adapter
+from tokenprune.tower import prune_batch
 
 from ._llava_family import (
-    _MISSING,
-    ImageTokens,
     LlavaFamilyAdapter,
     LlavaImageStats,
     _as_list,
     _images_of,
     _with_prefill,
+    wrapped,
 )
 
 if TYPE_CHECKING:
     from tokenprune.pipeline import Pipeline
 
-__all__ = ["Qwen2VLAdapter", "Qwen2_5_VLAdapter", "merged_layout", "prune_sequence", "stock_positions"]
+__all__ = [
+    "Qwen2VLAdapter",
+    "Qwen2_5_VLAdapter",
+    "QwenPartitioner",
+    "merged_layout",
+    "prune_sequence",
+    "stock_positions",
+]
 
 
 # ---------------------------------------------------------------------------- geometry
@@ -94,6 +103,40 @@ def _raster_of(indices: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """Layout-square indices back to raster indices of the merged grid (order kept)."""
     side = max(rows, cols)
     return (indices // side) * cols + indices % side
+
+
+@dataclass(frozen=True)
+class QwenPartitioner(Partitioner):
+    """Image size -> the merged-grid Layout the processor's dynamic resize gives it.
+
+    Mirrors ``Qwen2VLImageProcessor``: both sides rounded to a multiple of ``patch * merge``
+    pixels, the area kept between ``min_pixels`` and ``max_pixels`` (the processor's own
+    ``smart_resize``), then one merged token per ``patch * merge`` square.
+    """
+
+    patch_size: int
+    merge_size: int
+    min_pixels: int
+    max_pixels: int
+
+    @classmethod
+    def from_processor(cls, processor: Any) -> QwenPartitioner:
+        images = processor.image_processor
+        size = images.size
+        shortest = size["shortest_edge"] if isinstance(size, dict) else size.shortest_edge
+        longest = size["longest_edge"] if isinstance(size, dict) else size.longest_edge
+        return cls(int(images.patch_size), int(images.merge_size), int(shortest), int(longest))
+
+    def grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """``(rows, cols)`` of merged tokens for an image of ``(height, width)`` pixels."""
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        factor = self.patch_size * self.merge_size
+        height, width = smart_resize(*image_size, factor=factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        return height // factor, width // factor
+
+    def layout(self, image_size: tuple[int, int]) -> Layout:
+        return merged_layout(*self.grid(image_size), image_size)
 
 
 # ---------------------------------------------------------------------------- positions
@@ -173,7 +216,7 @@ class _NoClsTower:
 
 @register_adapter("qwen2_5_vl")
 @dataclass(frozen=True)
-class Qwen2_5_VLAdapter(Adapter):
+class Qwen2_5_VLAdapter(VLMAdapter):
     """Qwen2.5-VL and Qwen2-VL: one partition per image, the merged token grid; M-RoPE kept.
 
     No options. See the module docstring for the geometry and the positions.
@@ -228,8 +271,8 @@ class Qwen2_5_VLAdapter(Adapter):
         from tokenprune.adapters.taps import QwenVisionTap, check_needs
 
         tap = QwenVisionTap(getattr(model, "model", model).visual)
-        check_needs(tap, pipeline.allocator.needs, f"allocator {pipeline._part_label('allocator')}")
-        check_needs(tap, pipeline.selector.needs, f"selector {pipeline._part_label('selector')}")
+        check_needs(tap, pipeline.allocator.needs, f"allocator {pipeline.part_label('allocator')}")
+        check_needs(tap, pipeline.selector.needs, f"selector {pipeline.part_label('selector')}")
         return tap
 
     def prune_images(
@@ -241,51 +284,57 @@ class Qwen2_5_VLAdapter(Adapter):
         tower = tap.tower
         parameter = next(tower.parameters())
         grid = image_grid_thw.to(parameter.device)
-        with torch.inference_mode(), tap.capture(pipeline.needs) as record:
-            tower(pixel_values.to(device=parameter.device, dtype=parameter.dtype), grid_thw=grid)
-        layouts, signals = [], []
-        features = record.features()
-        received = {layer: record.received_attention(layer) for layer in record.needs.received_attention}
-        keys = {layer: record.keys(layer) for layer in record.needs.keys}
-        for index, ((frames, rows, cols), size) in enumerate(zip(record.merged_grids(), image_sizes)):
+        merge = int(tower.spatial_merge_size)
+        shapes = [(int(t), int(h) // merge, int(w) // merge) for t, h, w in image_grid_thw.tolist()]
+        for index, (frames, _, _) in enumerate(shapes):
             if frames != 1:
                 raise IncompatibleError(f"image {index} has {frames} temporal patches; images have one")
-            layouts.append(merged_layout(rows, cols, size))
-            signals.append(
-                Signals(
-                    features=_to_square(features[index], rows, cols, 0)[None],
-                    keys={layer: _to_square(k[index], rows, cols, 0)[None] for layer, k in keys.items()},
-                    received_attention={
-                        layer: _to_square(r[index], rows, cols, 1)[None] for layer, r in received.items()
-                    },
-                    num_layers=tap.num_layers,
-                )
-            )
-        results = pipeline.apply_batch(layouts, signals)
+        layouts = [merged_layout(rows, cols, size) for (_, rows, cols), size in zip(shapes, image_sizes)]
+
+        def forward() -> None:
+            with torch.inference_mode():
+                tower(pixel_values.to(device=parameter.device, dtype=parameter.dtype), grid_thw=grid)
+
+        pruned = prune_batch(pipeline, tap, forward, layouts, feature_layer=None, split=_split_record(tap.num_layers))
         images = []
-        for index, (layout, result) in enumerate(zip(layouts, results)):
-            rows, cols = layout.grid  # type: ignore[misc]
-            selection = result.selection
+        for image, (_, rows, cols) in zip(pruned, shapes):
+            selection, stats = image.selection, image.result.stats
             if selection.extra_tokens and any(selection.extra_tokens):
                 raise IncompatibleError(
-                    f"selector {pipeline._part_label('selector')} adds summary tokens, which have no stock "
+                    f"selector {pipeline.part_label('selector')} adds summary tokens, which have no stock "
                     "M-RoPE position on Qwen; use a selector without extra tokens"
                 )
-            raster = _raster_of(selection.indices[0], rows, cols)
-            kept = selection.features[0] if selection.features is not None else features[index][raster.to(features[index].device)]
-            stats = LlavaImageStats(
-                image_size=layout.image_size,
-                partitions=result.stats.partitions,
-                full_tokens=result.stats.full_tokens,
+            ordered = self.order_tokens(image.layout, (rows, cols), selection, image.kept)
+            embeddings = self.project(model, ordered.tokens)
+            image_stats = LlavaImageStats(
+                image_size=image.layout.image_size,
+                partitions=stats.partitions,
+                full_tokens=stats.full_tokens,
                 stock_image_tokens=rows * cols,
-                budget=result.stats.budget,
-                allocated=result.stats.allocated,
-                kept=result.stats.kept,
+                budget=stats.budget,
+                allocated=stats.allocated,
+                kept=stats.kept,
                 newline_tokens=0,
-                image_tokens=int(kept.shape[0]),
+                image_tokens=int(embeddings.shape[0]),
             )
-            images.append(ImageTokens(kept, layout, selection, stats))
+            images.append(ImageTokens(embeddings, image.layout, selection, image_stats, (rows, cols)))
         return images
+
+    # ------------------------------------------------------------------ family geometry
+    def partitioner(self, model: Any, processor: Any = None) -> QwenPartitioner:
+        if processor is None:
+            raise ConfigError("the Qwen partitioner reads the processor's min/max pixels: pass the processor")
+        return QwenPartitioner.from_processor(processor)
+
+    def order_tokens(
+        self, layout: Layout, geometry: Any, selection: Selection, kept: Sequence[torch.Tensor]
+    ) -> OrderedTokens:
+        """Kept merged tokens in raster order of the grid: the stock order of the image's tokens."""
+        return OrderedTokens(kept[0])
+
+    def project(self, model: Any, tokens: torch.Tensor) -> torch.Tensor:
+        """Identity: the tower's merger already produced LLM-space tokens (its features)."""
+        return tokens
 
     # ------------------------------------------------------------------ pictures (tokenprune run / show)
     def _image_inputs(self, processor: Any, images: list[Any]) -> dict[str, Any]:
@@ -346,43 +395,62 @@ class Qwen2_5_VLAdapter(Adapter):
             raise ConfigError(f"the image processor rejected the images: {type(error).__name__}: {error}") from error
         grid = inputs["image_grid_thw"]
         sizes = [_size_of(image) for image in image_list]
-        pruned = self.prune_images(pipeline, model, inputs["pixel_values"], grid, sizes)
-        merge = model.config.vision_config.spatial_merge_size
-        stock_counts = (grid.prod(dim=-1) // merge**2).tolist()
+        images = self.prune_images(pipeline, model, inputs["pixel_values"], grid, sizes)
+        out = self.place(model, processor, texts, images, **tokenizer_kwargs)
+        lengths = out["attention_mask"].sum(dim=1).tolist()
+        pipeline.record_images(
+            [
+                ImageTokens(image.embeddings, image.layout, image.selection, _with_prefill(image.stats, int(lengths[row])), image.geometry)
+                for row in range(len(texts))
+                for image in _images_of(images, counts, row)
+            ]
+        )
+        return out
+
+    def place(
+        self, model: Any, processor: Any, texts: list[str], images: Sequence[ImageTokens], **tokenizer_kwargs: Any
+    ) -> dict[str, Any]:
+        """Tokenize the stock prompt (every image at its full grid), take the model's own
+        M-RoPE positions of it, delete the pruned image tokens; kwargs for ``generate``."""
+        token, image_token_id = processor.image_token, model.config.image_token_id
+        stock_counts = [image.stats.stock_image_tokens for image in images]
         replacements = iter(token * count for count in stock_counts)
-        expanded = ["".join(part + (next(replacements) if i < t.count(token) else "") for i, part in enumerate(t.split(token))) for t in texts]
+        expanded = [
+            "".join(part + (next(replacements) if i < t.count(token) else "") for i, part in enumerate(t.split(token)))
+            for t in texts
+        ]
         tokenizer_kwargs.setdefault("padding", True)
         tokenizer_kwargs.setdefault("padding_side", "left")
         tokenized = processor.tokenizer(expanded, return_tensors="pt", **tokenizer_kwargs)
         input_ids, attention_mask = tokenized["input_ids"], tokenized["attention_mask"]
-        image_token_id = model.config.image_token_id
         if int((input_ids == image_token_id).sum()) != sum(stock_counts):
             raise TokenpruneError(
                 f"the tokenizer produced {int((input_ids == image_token_id).sum())} image tokens, expected "
                 f"{sum(stock_counts)}: the image token {token!r} must be a single special token"
             )
+        return self._pruned_inputs(model, processor, input_ids, attention_mask, images)
+
+    def _pruned_inputs(
+        self, model: Any, processor: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: Sequence[ImageTokens]
+    ) -> dict[str, Any]:
+        """generate kwargs from the STOCK prompt: its positions, the pruned tokens deleted."""
+        merge = model.config.vision_config.spatial_merge_size
+        grid = torch.tensor([[1, rows * merge, cols * merge] for rows, cols in (image.geometry for image in images)])
         positions = stock_positions(model, input_ids, attention_mask, grid)
-        keep_image = torch.cat([_kept_mask(image, count) for image, count in zip(pruned, stock_counts)])
+        keep_image = torch.cat([_kept_mask(image) for image in images])
         pad_id = processor.tokenizer.pad_token_id
-        out = prune_sequence(input_ids, attention_mask, positions, keep_image, image_token_id, pad_id if pad_id is not None else 0)
-        lengths = out["attention_mask"].sum(dim=1).tolist()
-        pipeline._record(
-            [
-                ImageTokens(image.embeddings, image.layout, image.selection, _with_prefill(image.stats, int(lengths[row])))
-                for row in range(len(texts))
-                for image in _images_of(pruned, counts, row)
-            ]
+        out = prune_sequence(
+            input_ids, attention_mask, positions, keep_image, model.config.image_token_id, pad_id if pad_id is not None else 0
         )
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         device = next(model.parameters()).device
         dtype = model.get_input_embeddings().weight.dtype
-        embeddings = tuple(image.embeddings.to(device=device, dtype=dtype) for image in pruned)
+        embeddings = tuple(image.embeddings.to(device=device, dtype=dtype) for image in images)
         return {
             **{key: value.to(device) for key, value in out.items()},
             "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=embeddings)},
         }
-
 
     # ------------------------------------------------------------------ attach
     @contextmanager
@@ -425,32 +493,23 @@ class Qwen2_5_VLAdapter(Adapter):
             for name in ("pixel_values", "mm_token_type_ids", "position_ids"):
                 kwargs.pop(name, None)
             pruned = adapter.prune_images(pipeline, model, pixel_values, grid, [None] * int(grid.shape[0]))
-            pipeline._record(pruned)
-            inputs = adapter._from_attached(model, processor, input_ids, attention_mask, grid, pruned)
+            pipeline.record_images(pruned)
+            stock_ids, stock_mask = adapter._stock_prompt(model, processor, input_ids, attention_mask, pruned)
+            inputs = adapter._pruned_inputs(model, processor, stock_ids, stock_mask, pruned)
             return original_generate(*args[1:], **kwargs, **inputs)
 
         wrappers = {(processor, "replace_image_token"): replace_image_token, (model, "generate"): generate}
-        saved = {key: key[0].__dict__.get(key[1], _MISSING) for key in wrappers}
-        for (owner, name), wrapper in wrappers.items():
-            setattr(owner, name, wrapper)
-        try:
+        with wrapped(wrappers, processor, model):
             yield
-        finally:
-            for (owner, name), previous in saved.items():
-                if previous is _MISSING:
-                    owner.__dict__.pop(name, None)
-                else:
-                    setattr(owner, name, previous)
 
-    def _from_attached(
-        self, model: Any, processor: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-        grid: torch.Tensor, pruned: list[ImageTokens],
-    ) -> dict[str, Any]:
-        """generate kwargs for a prompt the attached processor wrote with ``K`` tokens per image:
-        rebuild the stock prompt (each run back to the full grid), take its positions, prune."""
+    def _stock_prompt(
+        self, model: Any, processor: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: list[ImageTokens]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stock prompt of one the attached processor wrote with ``K`` tokens per image:
+        each image's run back to its full grid (left padded again)."""
         image_token_id = model.config.image_token_id
-        kept = [image.stats.image_tokens for image in pruned]
-        full = [image.stats.stock_image_tokens for image in pruned]
+        kept = [image.stats.image_tokens for image in images]
+        full = [image.stats.stock_image_tokens for image in images]
         if int((input_ids == image_token_id).sum()) != sum(kept):
             raise TokenpruneError(
                 f"the prompt holds {int((input_ids == image_token_id).sum())} image tokens but the pruned "
@@ -460,7 +519,7 @@ class Qwen2_5_VLAdapter(Adapter):
         for ids in (row[mask.bool()] for row, mask in zip(input_ids.cpu(), attention_mask.cpu())):
             pieces, start = [], 0
             starts = torch.nonzero(ids == image_token_id).flatten()
-            while start < ids.numel() and starts.numel() and image < len(kept):
+            while starts.numel() and image < len(kept):  # one step per image, not per token
                 first = int(starts[0])
                 pieces += [ids[start:first], ids.new_full((full[image],), image_token_id)]
                 start = first + kept[image]
@@ -471,18 +530,7 @@ class Qwen2_5_VLAdapter(Adapter):
         pad_id = processor.tokenizer.pad_token_id or 0
         stock_ids = torch.stack([torch.cat([row.new_full((width - row.numel(),), pad_id), row]) for row in rows])
         stock_mask = torch.stack([torch.arange(width) >= width - row.numel() for row in rows]).long()
-        positions = stock_positions(model, stock_ids, stock_mask, grid.cpu())
-        keep_image = torch.cat([_kept_mask(item, count) for item, count in zip(pruned, full)])
-        out = prune_sequence(stock_ids, stock_mask, positions, keep_image, image_token_id, pad_id)
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        device = input_ids.device
-        dtype = model.get_input_embeddings().weight.dtype
-        embeddings = tuple(item.embeddings.to(device=device, dtype=dtype) for item in pruned)
-        return {
-            **{key: value.to(device) for key, value in out.items()},
-            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=embeddings)},
-        }
+        return stock_ids, stock_mask
 
 
 @register_adapter("qwen2_vl")
@@ -496,9 +544,32 @@ def _size_of(image: Any) -> tuple[int, int] | None:
     return (int(size[1]), int(size[0])) if isinstance(size, tuple) and len(size) == 2 else None
 
 
-def _kept_mask(image: ImageTokens, count: int) -> torch.Tensor:
-    """bool ``[count]``: which of the image's stock tokens (raster order) are kept."""
-    rows, cols = image.layout.grid  # type: ignore[misc]
-    mask = torch.zeros(count, dtype=torch.bool)
+def _kept_mask(image: ImageTokens) -> torch.Tensor:
+    """bool ``[rows * cols]``: which of the image's stock tokens (raster order) are kept."""
+    rows, cols = image.geometry
+    mask = torch.zeros(rows * cols, dtype=torch.bool)
     mask[_raster_of(image.selection.indices[0].cpu(), rows, cols)] = True
     return mask
+
+
+def _split_record(num_layers: int) -> Any:
+    """The Qwen tap's record -> one Signals per image, each embedded in its layout's square."""
+
+    def split(record: Any, layouts: Sequence[Layout]) -> list[Signals]:
+        features = record.features()
+        received = {layer: record.received_attention(layer) for layer in record.needs.received_attention}
+        keys = {layer: record.keys(layer) for layer in record.needs.keys}
+        signals = []
+        for index, layout in enumerate(layouts):
+            rows, cols = layout.grid
+            signals.append(
+                Signals(
+                    features=_to_square(features[index], rows, cols, 0)[None],
+                    keys={layer: _to_square(k[index], rows, cols, 0)[None] for layer, k in keys.items()},
+                    received_attention={layer: _to_square(r[index], rows, cols, 1)[None] for layer, r in received.items()},
+                    num_layers=num_layers,
+                )
+            )
+        return signals
+
+    return split

@@ -54,7 +54,9 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from loguru import logger
 
+from tokenprune.adapter import VLMAdapter
 from tokenprune.errors import ConfigError, IncompatibleError
+from tokenprune.overrides import apply_overrides
 from tokenprune.pipeline import Pipeline
 
 __all__ = [
@@ -73,7 +75,6 @@ MODEL_NAMES: dict[str, str] = {
 }
 # The plugin model to use for each adapter that tokenprune.run.load_model detects.
 _MODEL_FOR_ADAPTER = {"llava_next": "tokenprune_llava_next", "llava": "tokenprune_llava"}
-_PARTS = ("adapter", "allocator", "selector")
 _DTYPES: dict[str, torch.dtype | None] = {
     "auto": None,
     "float16": torch.float16,
@@ -175,26 +176,6 @@ def parse_model_args(arg_string: str) -> dict[str, Any]:
     return args
 
 
-def _split_options(options: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """``part.name`` keys per part, and the bare keys (routed by Pipeline)."""
-    per_part: dict[str, dict[str, Any]] = {part: {} for part in _PARTS}
-    bare: dict[str, Any] = {}
-    for key, value in options.items():
-        part, dot, name = key.partition(".")
-        if not dot:
-            bare[key] = value
-            continue
-        if part not in per_part or not name:
-            close = difflib.get_close_matches(part, _PARTS, n=1, cutoff=0.5)
-            hint = f" Did you mean {close[0] + '.' + name!r}?" if close and name else ""
-            raise ConfigError(
-                f"model_args key {key!r}: options are written allocator.NAME, selector.NAME or "
-                f"adapter.NAME.{hint}"
-            )
-        per_part[part][name] = value
-    return per_part, bare
-
-
 def _dtype(value: Any) -> torch.dtype | None:
     if value is None or isinstance(value, torch.dtype):
         return value
@@ -271,19 +252,11 @@ class _TokenprunePlugin(lmms):
         self.batch_size_per_device = _positive_int("batch_size", batch_size)
         self.max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
         torch_dtype = _dtype(dtype)
-        per_part, bare = _split_options(options)
+        bare = [key for key in options if "." not in key]
         adapter_name = adapter if adapter is not None else self.default_adapter
-        try:
-            self.pipe = Pipeline(
-                adapter=adapter_name,
-                allocator=allocator,
-                selector=selector,
-                budget=budget,
-                adapter_options=per_part["adapter"],
-                allocator_options=per_part["allocator"],
-                selector_options=per_part["selector"],
-                **bare,
-            )
+        parts = {"adapter": adapter_name, "allocator": allocator, "selector": selector, "budget": budget}
+        try:  # the one override grammar, shared with Pipeline.from_dict and sweep grids
+            self.pipe = Pipeline.from_dict(apply_overrides(parts, options))
         except ConfigError as error:
             hints = [
                 f"{close[0]!r} for {key!r}"
@@ -295,6 +268,11 @@ class _TokenprunePlugin(lmms):
             raise ConfigError(
                 f"{error} Did you mean {', '.join(hints)} (a model_args key of {self.model_name})?"
             ) from error
+        if not isinstance(self.pipe.adapter, VLMAdapter):
+            raise ConfigError(
+                f"{self.model_name} needs a VLM adapter (llava_next, llava, sharegpt4v); got "
+                f"{self.pipe.part_label('adapter')}"
+            )
         self.chat_template = chat_template
         self.stats: list[dict[str, Any]] = []
         self._rank = int(os.environ.get("RANK", "0"))
@@ -315,11 +293,9 @@ class _TokenprunePlugin(lmms):
         logger.info(f"{self.model_name}: {pretrained}\n{self.pipe.describe()}")
 
     def _check_model(self, detected: str) -> None:
-        check = getattr(self.pipe.adapter, "check_model", None)
-        if check is None:
-            return
+        assert isinstance(self.pipe.adapter, VLMAdapter)  # checked before the model loaded
         try:
-            check(self._model, self._processor)
+            self.pipe.adapter.check_model(self._model, self._processor)
         except IncompatibleError as error:
             other = _MODEL_FOR_ADAPTER.get(detected)
             if other is None or other == self.model_name:

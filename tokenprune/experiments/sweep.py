@@ -20,9 +20,10 @@ A config names a model, a dataset, a base pipeline and a grid; every grid point 
       budget: [0.1, 0.2]
 
 Grid keys: ``adapter`` / ``allocator`` / ``selector`` (a name, preset name or config dict:
-replaces that part, options included), ``budget``, and ``<part>.<option>`` (sets one
-option, after any part replacement). Every grid point is validated before the first sample
-runs.
+replaces that part, options included), ``budget``, ``<part>.<option>`` (sets one
+option, after any part replacement) and a bare option name (routed to the one part that
+takes it): the grammar of :func:`tokenprune.overrides.apply_overrides`. Every grid point
+is validated before the first sample runs.
 
 Results are one append-only JSONL row per (grid point, sample), flushed and fsynced: a
 restart skips what is done; a killed run restarted ends with every row exactly once. Under
@@ -32,7 +33,6 @@ N-th sample and writes its own shard; rank 0 merges and summarises when all are 
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import os
@@ -47,6 +47,7 @@ import torch
 
 from ..cost import LLMShape, prefill_flops
 from ..errors import ConfigError, TokenpruneError
+from ..overrides import apply_overrides
 from ..pipeline import Pipeline
 from .datasets import SHORT_ANSWER_PROMPT, Sample, load_samples, shard
 from .metrics import METRICS, score_all
@@ -139,9 +140,10 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> SweepConf
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{origin}: grid key {key!r} needs a non-empty list of values, got {values!r}")
             part = key.split(".", 1)[0]
-            if key != "budget" and part not in _PARTS:
+            if "." in key and part not in _PARTS:
                 raise ConfigError(
-                    f"{origin}: grid key {key!r} must be 'budget', a part ({', '.join(_PARTS)}) or '<part>.<option>'"
+                    f"{origin}: grid key {key!r} must be 'budget', a part ({', '.join(_PARTS)}), "
+                    "'<part>.<option>' or an option name"
                 )
             entry[str(key)] = list(values)
         checked.append(entry)
@@ -182,24 +184,7 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> SweepConf
 
 
 def _apply(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    config = copy.deepcopy(dict(base))
-    for part in _PARTS:  # normalise parts to {"name": ..., **options}
-        value = config.get(part)
-        if isinstance(value, str):
-            config[part] = {"name": value}
-    # whole-part replacements first, then single options
-    for key, value in overrides.items():
-        if key in _PARTS:
-            config[key] = {"name": value} if isinstance(value, str) else dict(value)
-        elif key == "budget":
-            config["budget"] = value
-    for key, value in overrides.items():
-        if "." in key:
-            part, option = key.split(".", 1)
-            if not isinstance(config.get(part), Mapping):
-                raise ConfigError(f"grid key {key!r}: the base config has no {part}")
-            config[part][option] = value
-    return config
+    return apply_overrides(base, overrides)  # the one override grammar, shared with Pipeline and lmms-eval
 
 
 def grid_points(config: SweepConfig) -> list[GridPoint]:
