@@ -22,11 +22,10 @@ Example::
 from __future__ import annotations
 
 import copy
-import difflib
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 from .registry import ADAPTERS, ALLOCATORS, SELECTORS, Registry
 
 __all__ = ["PARTS", "apply_overrides", "split_config"]
@@ -108,8 +107,7 @@ def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any] | No
         if not dot:
             continue
         if part not in PARTS or not option:
-            close = difflib.get_close_matches(part, PARTS, n=1, cutoff=0.5)
-            hint = f" Did you mean {close[0] + '.' + option!r}?" if close and option else ""
+            hint = did_you_mean(part, PARTS, n=1, render=lambda close: repr(f"{close}.{option}")) if option else ""
             raise ConfigError(f"key {key!r}: options are written allocator.NAME, selector.NAME or adapter.NAME.{hint}")
         _set_option(result, part, option, value, key)
         explicit[(part, option)] = value
@@ -126,8 +124,7 @@ def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any] | No
                 + ")"
             )
         if not owners:
-            close = difflib.get_close_matches(key, everything, n=3, cutoff=0.5)
-            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            hint = did_you_mean(key, everything)
             raise ConfigError(
                 f"unknown pipeline config keys [{key!r}]: no part of this pipeline takes option {key!r}.{hint} "
                 f"Options: {', '.join(everything) or '(none)'}."

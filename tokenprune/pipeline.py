@@ -167,8 +167,8 @@ class Pipeline:
         """Allocate and select for a batch of images (each keeps its own budget)."""
         if len(layouts) != len(signals):
             raise ContractError(f"{len(layouts)} layouts but {len(signals)} signals")
-        alloc_name = self._part_label("allocator")
-        sel_name = self._part_label("selector")
+        alloc_name = self.part_label("allocator")
+        sel_name = self.part_label("selector")
         for layout, signal in zip(layouts, signals):
             signal.check_layout(layout)
             signal.require(self.allocator.needs, who=f"allocator {alloc_name}")
@@ -308,7 +308,6 @@ class Pipeline:
             return repr(name)
         return type(getattr(self, part)).__name__
 
-    _part_label = part_label  # old private name: apply_batch and tokenprune.run still use it
 
     def _part_config(self, part: str) -> dict[str, Any] | None:
         instance = getattr(self, part)
