@@ -397,3 +397,10 @@ def test_the_invariant_suite_covers_the_cls_free_selectors_and_grid_layouts():
 
     collect()
     assert any(grid is not None and grid[0] != grid[1] for grid in seen)
+
+
+def test_runtime_detects_the_qwen_adapter_from_its_model_classes():
+    from tokenprune import runtime
+
+    owners = runtime.adapters_by_model_class()
+    assert owners["Qwen2_5_VLForConditionalGeneration"] == owners["Qwen2VLForConditionalGeneration"] == "qwen2_5_vl"
