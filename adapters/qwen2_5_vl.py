@@ -51,9 +51,9 @@ from tokenprune.tower import prune_batch
 from ._llava_family import (
     LlavaFamilyAdapter,
     LlavaImageStats,
-    _as_list,
     _images_of,
     _with_prefill,
+    images_and_texts,
     wrapped,
 )
 
@@ -371,23 +371,12 @@ class Qwen2_5_VLAdapter(VLMAdapter):
         """kwargs for ``model.generate``: pruned ``input_ids``, ``attention_mask``, explicit
         ``position_ids`` and the kept image embeddings as ``mm_encoder_outputs``."""
         self.check_model(model, processor)
-        image_list = _as_list(images, "images")
-        texts = [text] if isinstance(text, str) else list(text)
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise ConfigError(f"text must be a string or a list of strings, got {type(text).__name__}")
-        token = processor.image_token
-        if any(processor.video_token in t for t in texts):
+        if any(processor.video_token in t for t in ([text] if isinstance(text, str) else text or [])):
             raise ConfigError(
                 f"the texts hold the video token {processor.video_token!r}; the {self.registry_name!r} adapter "
                 "prunes images only (video inputs are not supported yet)"
             )
-        counts = [t.count(token) for t in texts]
-        if sum(counts) != len(image_list):
-            raise ConfigError(
-                f"the texts hold {sum(counts)} image token(s) {token!r} but {len(image_list)} image(s) were "
-                "given; each image needs exactly one (processor.apply_chat_template writes "
-                "'<|vision_start|><|image_pad|><|vision_end|>' per image)"
-            )
+        image_list, texts, counts = images_and_texts(images, text, processor.image_token)
         self._tap(pipeline, model)  # strategy/tower checks before the processor or tower runs
         try:
             inputs = processor.image_processor(image_list, return_tensors="pt")
