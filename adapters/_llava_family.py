@@ -339,23 +339,8 @@ class LlavaFamilyAdapter(VLMAdapter):
         template included — pass the bare question for CLIP's 77-token window).
         """
         self.check_model(model, processor)
-        image_list = _as_list(images, "images")
-        texts = [text] if isinstance(text, str) else list(text)
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise ConfigError(f"text must be a string or a list of strings, got {type(text).__name__}")
+        image_list, texts, counts = images_and_texts(images, text, processor.image_token)
         image_token = processor.image_token
-        counts = [t.count(image_token) for t in texts]
-        for index, count in enumerate(counts):
-            if count == 0:
-                raise ConfigError(
-                    f"text[{index}] has no image token {image_token!r}; put one where each image goes "
-                    f"(e.g. via processor.apply_chat_template). Text: {texts[index][:120]!r}"
-                )
-        if sum(counts) != len(image_list):
-            raise ConfigError(
-                f"the texts hold {sum(counts)} image token(s) {image_token!r} but {len(image_list)} image(s) "
-                "were given; each image needs exactly one image token"
-            )
         if question is None:
             questions = [_strip_image_tokens(t, image_token) for t in texts]
         else:
@@ -475,18 +460,8 @@ class LlavaFamilyAdapter(VLMAdapter):
             (processor, "get_text_with_replacements"): get_text_with_replacements,
             (base, "get_image_features"): get_image_features,
         }
-        with _exclusive(processor, base):
-            saved = {key: key[0].__dict__.get(key[1], _MISSING) for key in wrappers}
-            for (owner, name), wrapper in wrappers.items():
-                setattr(owner, name, wrapper)
-            try:
-                yield
-            finally:
-                for (owner, name), previous in saved.items():
-                    if previous is _MISSING:
-                        owner.__dict__.pop(name, None)
-                    else:
-                        setattr(owner, name, previous)
+        with wrapped(wrappers, processor, base):
+            yield
 
     @abstractmethod
     def _layout_for_size(
@@ -496,6 +471,24 @@ class LlavaFamilyAdapter(VLMAdapter):
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+@contextmanager
+def wrapped(wrappers: dict[tuple[Any, str], Any], *owners: Any) -> Iterator[None]:
+    """Install per-instance ``{(owner, name): wrapper}`` while ``owners`` are attached
+    exclusively; on exit (also on an exception) every attribute is as it was."""
+    with _exclusive(*owners):
+        saved = {key: key[0].__dict__.get(key[1], _MISSING) for key in wrappers}
+        for (owner, name), wrapper in wrappers.items():
+            setattr(owner, name, wrapper)
+        try:
+            yield
+        finally:
+            for (owner, name), previous in saved.items():
+                if previous is _MISSING:
+                    owner.__dict__.pop(name, None)
+                else:
+                    setattr(owner, name, previous)
 
 
 @contextmanager
@@ -517,6 +510,28 @@ def _exclusive(*owners: Any) -> Iterator[None]:
     finally:
         with _ATTACH_LOCK:
             _ATTACHED.difference_update(keys)
+
+
+def images_and_texts(images: Any, text: Any, image_token: str) -> tuple[list[Any], list[str], list[int]]:
+    """``prepare``'s arguments checked: the flat image list, the texts, and image tokens per text
+    (every text holds at least one, and there is one image per image token)."""
+    image_list = _as_list(images, "images")
+    texts = [text] if isinstance(text, str) else list(text)
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise ConfigError(f"text must be a string or a list of strings, got {type(text).__name__}")
+    counts = [t.count(image_token) for t in texts]
+    for index, count in enumerate(counts):
+        if count == 0:
+            raise ConfigError(
+                f"text[{index}] has no image token {image_token!r}; put one where each image goes "
+                f"(e.g. via processor.apply_chat_template). Text: {texts[index][:120]!r}"
+            )
+    if sum(counts) != len(image_list):
+        raise ConfigError(
+            f"the texts hold {sum(counts)} image token(s) {image_token!r} but {len(image_list)} image(s) "
+            "were given; each image needs exactly one image token"
+        )
+    return image_list, texts, counts
 
 
 def _as_list(images: Any, what: str) -> list[Any]:

@@ -77,6 +77,11 @@ class Layout:
             ``overlap[i, j]`` is the share of thumbnail patch ``j`` that lies inside tile
             ``i``'s image region, computed in 2-D image coordinates.
         image_size: optional ``(height, width)`` of the original image, for reports.
+        grid: ``(rows, cols)`` of a single partition whose tokens form a non-square grid
+            (Qwen2-VL's dynamic resolution), or ``None``. Its tokens sit row by row in the
+            top-left ``rows x cols`` corner of the ``tokens_per_side`` square
+            (``tokens_per_side == max(rows, cols)``); the rest of the square is padding
+            (``valid`` is ``False`` there) and does not count in :attr:`full_tokens`.
     """
 
     tokens_per_side: int
@@ -85,6 +90,7 @@ class Layout:
     valid: torch.Tensor
     overlap: torch.Tensor | None = None
     image_size: tuple[int, int] | None = None
+    grid: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         side = _check_int(self.tokens_per_side, "Layout.tokens_per_side", minimum=1)
@@ -154,6 +160,27 @@ class Layout:
                 and all(isinstance(s, int) and s > 0 for s in self.image_size),
                 f"Layout.image_size must be (height, width) positive ints, got {self.image_size!r}",
             )
+        if self.grid is not None:
+            self._check_grid(side)
+
+    def _check_grid(self, side: int) -> None:
+        grid = self.grid
+        _require(
+            isinstance(grid, tuple)
+            and len(grid) == 2
+            and all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)
+            and max(grid) == side,
+            f"Layout.grid must be (rows, cols) ints >= 1 with max(rows, cols) == tokens_per_side "
+            f"= {side}, got {grid!r}",
+        )
+        _require(self.tiles == (0, 0), "Layout.grid describes a single partition; tiles must be (0, 0)")
+        assert grid is not None
+        inside = torch.zeros(side, side, dtype=torch.bool)
+        inside[: grid[0], : grid[1]] = True
+        _require(
+            not bool((self.valid.view(-1, side, side).cpu() & ~inside).any()),
+            f"Layout.valid marks tokens outside the {grid[0]}x{grid[1]} grid as valid",
+        )
 
     @classmethod
     def single(cls, tokens_per_side: int, *, valid: torch.Tensor | None = None) -> Layout:
@@ -172,7 +199,10 @@ class Layout:
 
     @property
     def full_tokens(self) -> int:
-        """``P * N``: what a fraction budget is a fraction of (padding included)."""
+        """``P * N`` (``rows * cols`` with a :attr:`grid`): what a fraction budget is a
+        fraction of (padding included, except the square's filler around a grid)."""
+        if self.grid is not None:
+            return self.grid[0] * self.grid[1]
         return self.num_partitions * self.tokens_per_partition
 
     @property
@@ -223,6 +253,8 @@ class Needs:
             as one head (PruMerge's released code does this).
         cls_embedding: blocks whose output CLS hidden state is needed.
         keys: blocks whose patch keys are needed (e.g. PruMerge's merge neighbourhoods).
+        received_attention: blocks whose attention *received* per token is needed (column
+            means of the block's attention map, per head; needs no CLS token).
         relevance: whether a per-partition prompt-relevance score is needed.
         features: whether the selector reads the features (merging selectors do).
         cls_token: whether the tower must have a CLS token (derived: any CLS signal).
@@ -234,12 +266,14 @@ class Needs:
     keys: frozenset[int] = frozenset()
     relevance: bool = False
     features: bool = False
+    received_attention: frozenset[int] = frozenset()
 
     _LAYER_FIELDS: ClassVar[tuple[str, ...]] = (
         "cls_attention",
         "wide_cls_attention",
         "cls_embedding",
         "keys",
+        "received_attention",
     )
 
     def __post_init__(self) -> None:
@@ -329,6 +363,9 @@ class Signals:
         cls_embedding: ``{layer: [P, D]}`` CLS hidden state at the output of ``layer``.
         keys: ``{layer: [P, N, Dk]}`` patch keys of ``layer`` (heads concatenated).
         relevance: ``[P]`` prompt relevance per partition, or ``None``.
+        received_attention: ``{layer: [P, H, N]}`` float, attention each token receives in
+            ``layer``: per head, the mean over the block's queries of their softmax rows
+            (a row over the tokens a query attends to sums to 1, so does each head here).
         prompt: the prompt text, when known.
         num_layers: the tower's depth, used to resolve negative layer numbers.
     """
@@ -341,11 +378,14 @@ class Signals:
     relevance: torch.Tensor | None = None
     prompt: str | None = None
     num_layers: int | None = None
+    received_attention: Mapping[int, torch.Tensor] = field(default_factory=dict)
+
+    _LAYER_FIELDS: ClassVar[tuple[str, ...]] = Needs._LAYER_FIELDS
 
     def __post_init__(self) -> None:
         if self.num_layers is not None:
             _check_int(self.num_layers, "Signals.num_layers", minimum=1)
-        for name in ("cls_attention", "wide_cls_attention", "cls_embedding", "keys"):
+        for name in self._LAYER_FIELDS:
             object.__setattr__(self, name, _frozen_layers(getattr(self, name), name))
         p: int | None = None
         n: int | None = None
@@ -377,6 +417,7 @@ class Signals:
             ("wide_cls_attention", 3, 2),
             ("cls_embedding", 2, None),
             ("keys", 3, 1),
+            ("received_attention", 3, 2),
         ):
             for layer, tensor in getattr(self, name).items():
                 _require(
@@ -408,7 +449,7 @@ class Signals:
     def _tensors(self) -> Iterator[torch.Tensor]:
         if self.features is not None:
             yield self.features
-        for name in ("cls_attention", "wide_cls_attention", "cls_embedding", "keys"):
+        for name in self._LAYER_FIELDS:
             yield from getattr(self, name).values()
         if self.relevance is not None:
             yield self.relevance
@@ -440,6 +481,10 @@ class Signals:
         """Patch keys of ``layer``, ``[P, N, Dk]``."""
         return self._lookup("keys", layer, "the strategy must")
 
+    def received(self, layer: int) -> torch.Tensor:
+        """Attention each token receives in ``layer``, per head, ``[P, H, N]``."""
+        return self._lookup("received_attention", layer, "the strategy must")
+
     def require(self, needs: Needs, *, who: str = "strategy") -> None:
         """Raise :class:`SignalError` naming ``who`` if anything in ``needs`` is missing."""
         for layer in needs.cls_attention:
@@ -450,6 +495,8 @@ class Signals:
             self._lookup("cls_embedding", layer, f"{who} needs it;")
         for layer in needs.keys:
             self._lookup("keys", layer, f"{who} needs it;")
+        for layer in needs.received_attention:
+            self._lookup("received_attention", layer, f"{who} needs it;")
         if needs.relevance and self.relevance is None:
             raise SignalError(
                 f"{who} needs prompt relevance (Signals.relevance) but none was computed; "
@@ -473,6 +520,7 @@ class Signals:
             relevance=None if self.relevance is None else take(self.relevance),
             prompt=self.prompt,
             num_layers=self.num_layers,
+            received_attention={k: take(v) for k, v in self.received_attention.items()},
         )
 
     def check_layout(self, layout: Layout) -> None:
@@ -484,7 +532,7 @@ class Signals:
                 f"signals have {p} partitions, the layout has {layout.num_partitions}",
             )
         tokens = layout.tokens_per_partition
-        for name in ("cls_attention", "wide_cls_attention"):
+        for name in ("cls_attention", "wide_cls_attention", "received_attention"):
             for layer, tensor in getattr(self, name).items():
                 _require(
                     tensor.shape[-1] == tokens,

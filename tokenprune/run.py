@@ -32,6 +32,10 @@ from .runtime import (
 
 __all__ = ["add_run_parser", "run", "show", "load_model"]  # load_model: re-exported from tokenprune.runtime
 
+#: Default strategies where the model's tower has no CLS token (HiRED's need one).
+_CLS_FREE_DEFAULTS = {"allocator": "equal", "selector": "dart"}
+
+
 def _median_time(function: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     """Median wall time of ``repeats`` calls after one untimed warm-up call."""
     times, result = [], function()
@@ -66,6 +70,8 @@ def _model_image_pipeline(args: argparse.Namespace) -> tuple[Any, Any, str, Any,
 
         image, image_name = sample_image(), "built-in sample picture"
     spec: dict[str, Any] = {"adapter": detected, "allocator": "hired", "selector": "cls_final", "budget": "0.2"}
+    if detected.startswith("qwen"):
+        spec.update(_CLS_FREE_DEFAULTS)
     if getattr(args, "config", None):
         loaded = read_config_file(Path(args.config))
         spec.update(loaded.get("base", loaded))

@@ -74,11 +74,19 @@ def _valid_mask(draw: st.DrawFn, side: int, thumbnail: bool) -> torch.Tensor:
 
 @st.composite
 def layouts(draw: st.DrawFn, max_side: int = 6, max_tiles: int = 3) -> Layout:
-    """Random layouts: single partitions, tile grids with or without a thumbnail."""
+    """Random layouts: single partitions (square or a non-square ``grid``, as Qwen2-VL's),
+    tile grids with or without a thumbnail."""
     side = draw(st.integers(1, max_side))
-    structure = draw(st.sampled_from(["single", "tiles", "thumbnail+tiles"]))
+    structure = draw(st.sampled_from(["single", "grid", "tiles", "thumbnail+tiles"]))
     if structure == "single":
         return Layout(side, (0, 0), False, draw(_valid_mask(side, False)).unsqueeze(0))
+    if structure == "grid":
+        short = draw(st.integers(1, side))
+        grid = (short, side) if draw(st.booleans()) else (side, short)
+        inside = torch.zeros(side, side, dtype=torch.bool)
+        inside[: grid[0], : grid[1]] = True
+        valid = draw(_valid_mask(side, False)) & inside.flatten()
+        return Layout(side, (0, 0), False, valid.unsqueeze(0), grid=grid)
     rows = draw(st.integers(1, max_tiles))
     cols = draw(st.integers(1, max_tiles))
     thumbnail = structure == "thumbnail+tiles"
@@ -102,6 +110,13 @@ def _attention(generator: torch.Generator, p: int, heads: int, n: int) -> torch.
     spread = float(torch.randint(1, 40, (1,), generator=generator))
     logits = torch.randint(0, 4, (p, heads, n + 1), generator=generator).float() * spread / 4
     return logits.softmax(dim=-1)[..., 1:].contiguous()
+
+
+def _received(generator: torch.Generator, p: int, heads: int, n: int) -> torch.Tensor:
+    """Attention received per token: the mean of N coarse softmax rows (ties likely)."""
+    rows = _attention(generator, p * heads, n, n)  # n query rows over a sink plus n keys
+    received = rows.view(p, heads, n, n).mean(dim=2)
+    return received / received.sum(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
 def _signals(needs: Needs, layout: Layout, seed: int) -> Signals:
@@ -131,6 +146,7 @@ def _signals(needs: Needs, layout: Layout, seed: int) -> Signals:
         relevance=(torch.rand(p, generator=generator) * 2 - 1) if needs.relevance else None,
         prompt="a test prompt",
         num_layers=num_layers,
+        received_attention={layer: _received(generator, p, heads, n).to(dtype) for layer in resolved.received_attention},
     )
 
 

@@ -26,6 +26,7 @@ from tokenprune.errors import IncompatibleError
 
 from ._common import CaptureBusyError, HookTap, TapRecord, check_needs, resolve_feature_layer
 from .open_clip_vit import OpenClipVitTap
+from .qwen_vit import QwenVisionTap
 from .timm_vit import TimmVitTap
 from .transformers_clip import TransformersVisionTap
 
@@ -33,6 +34,7 @@ __all__ = [
     "CaptureBusyError",
     "HookTap",
     "OpenClipVitTap",
+    "QwenVisionTap",
     "TapRecord",
     "TimmVitTap",
     "TransformersVisionTap",
@@ -42,10 +44,17 @@ __all__ = [
     "tap_for",
 ]
 
-_TAPS: tuple[type[HookTap], ...] = (TransformersVisionTap, TimmVitTap, OpenClipVitTap)
+_TAPS: tuple[type[HookTap] | type[QwenVisionTap], ...] = (TransformersVisionTap, TimmVitTap, OpenClipVitTap, QwenVisionTap)
 
 # Where VLMs keep their vision tower, for a helpful error when a whole VLM is passed.
-_TOWER_ATTRIBUTES = ("vision_tower", "model.vision_tower", "visual", "vision_model", "model.vision_model")
+_TOWER_ATTRIBUTES = (
+    "vision_tower",
+    "model.vision_tower",
+    "visual",
+    "model.visual",
+    "vision_model",
+    "model.vision_model",
+)
 
 
 def supported_towers() -> list[str]:

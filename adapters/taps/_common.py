@@ -69,6 +69,11 @@ def check_needs(tap: AttentionTap, needs: Needs, strategy: str) -> Needs:
             "On a tower without CLS, use strategies that read only keys or features "
             "(Needs.keys / Needs.features), or a CLIP-style tower with a CLS token."
         )
+    if needs.received_attention and not getattr(tap, "serves_received_attention", False):
+        raise IncompatibleError(
+            f"{strategy} needs received_attention{sorted(needs.received_attention)}, which the "
+            f"{tap.tower_name} tower's tap does not compute (the Qwen2-VL / Qwen2.5-VL tap does)"
+        )
     try:
         return needs.resolve(tap.num_layers)
     except SignalError as exc:

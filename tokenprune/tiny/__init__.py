@@ -15,6 +15,17 @@ from .llava import (
     tiny_llava_next,
     tiny_tokenizer,
 )
+from .qwen import (
+    TINY_QWEN_CHAT_TEMPLATE,
+    TINY_QWEN_FULL_ATTENTION_BLOCKS,
+    TINY_QWEN_MAX_PIXELS,
+    TINY_QWEN_MIN_PIXELS,
+    TINY_QWEN_PATCH_SIZE,
+    TINY_QWEN_VISION_LAYERS,
+    tiny_qwen2_5_vl,
+    tiny_qwen2_vl,
+    tiny_qwen_tokenizer,
+)
 
 __all__ = [
     "TINY_CHAT_TEMPLATE",
@@ -22,8 +33,17 @@ __all__ = [
     "TINY_GRIDS",
     "TINY_PATCH_SIZE",
     "TINY_VISION_LAYERS",
+    "TINY_QWEN_CHAT_TEMPLATE",
+    "TINY_QWEN_FULL_ATTENTION_BLOCKS",
+    "TINY_QWEN_MAX_PIXELS",
+    "TINY_QWEN_MIN_PIXELS",
+    "TINY_QWEN_PATCH_SIZE",
+    "TINY_QWEN_VISION_LAYERS",
     "save_tiny",
     "tiny_llava",
     "tiny_llava_next",
     "tiny_tokenizer",
+    "tiny_qwen2_5_vl",
+    "tiny_qwen2_vl",
+    "tiny_qwen_tokenizer",
 ]
