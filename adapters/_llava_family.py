@@ -33,6 +33,8 @@ import torch
 from tokenprune.contracts import Adapter, BudgetAllocator, Layout, Selection, Selector, Signals
 from tokenprune.errors import ConfigError, IncompatibleError, TokenpruneError
 
+from ._generate_inputs import generate_inputs, image_features_output, processor_count_hooks, prompt_hook
+
 if TYPE_CHECKING:
     from tokenprune.pipeline import Pipeline
 
@@ -382,15 +384,7 @@ class LlavaFamilyAdapter(Adapter):
                 for image in _images_of(pruned, counts, row)
             ]
         )
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        device = next(model.parameters()).device
-        embeddings = tuple(p.embeddings.to(device) for p in pruned)
-        return {
-            "input_ids": input_ids.to(device),
-            "attention_mask": attention_mask.to(device),
-            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=embeddings)},
-        }
+        return generate_inputs(model, input_ids, attention_mask, [p.embeddings for p in pruned])
 
     # ------------------------------------------------------------------ attach
     @contextmanager
@@ -403,34 +397,23 @@ class LlavaFamilyAdapter(Adapter):
         adapter = self
         recent_prompts: list[str] = []
 
-        original_replace = processor.replace_image_token
+        def image_tokens(size: Any) -> int:
+            layout, geometry = adapter._layout_for_size(model, processor, {}, 0, size)
+            return adapter.fixed_image_tokens(pipeline, layout, geometry)
 
-        @functools.wraps(original_replace)
-        def replace_image_token(image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
-            sizes = image_inputs.get("image_sizes")
-            size = None if sizes is None else sizes[image_idx]
-            layout, geometry = adapter._layout_for_size(model, processor, image_inputs, image_idx, size)
-            return processor.image_token * adapter.fixed_image_tokens(pipeline, layout, geometry)
-
-        original_texts = processor.get_text_with_replacements
-
-        @functools.wraps(original_texts)
-        def get_text_with_replacements(text: list[str], *args: Any, **kwargs: Any) -> Any:
-            # remember the prompts, in image order, for strategies that read prompt relevance
+        def remember_prompts(text: list[str]) -> None:
+            # the prompts, in image order, for strategies that read prompt relevance
             recent_prompts[:] = [
                 _strip_image_tokens(t, processor.image_token)
                 for t in text
                 for _ in range(t.count(processor.image_token))
             ]
-            return original_texts(text, *args, **kwargs)
 
         original_features = base.get_image_features
         signature = inspect.signature(original_features)
 
         @functools.wraps(original_features)
         def get_image_features(pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            from transformers.modeling_outputs import BaseModelOutputWithPooling
-
             bound = signature.bind_partial(pixel_values, *args, **kwargs).arguments
             for name in ("vision_feature_layer", "vision_feature_select_strategy"):
                 wanted = bound.get(name)
@@ -445,13 +428,11 @@ class LlavaFamilyAdapter(Adapter):
             prompts = recent_prompts if len(recent_prompts) == count else [None] * count
             pruned = adapter.prune_pixels(pipeline, model, processor, pixel_values, image_sizes, prompts)
             pipeline._record(pruned)
-            return BaseModelOutputWithPooling(pooler_output=tuple(p.embeddings for p in pruned))
+            return image_features_output(original_features, [p.embeddings for p in pruned])
 
-        wrappers = {
-            (processor, "replace_image_token"): replace_image_token,
-            (processor, "get_text_with_replacements"): get_text_with_replacements,
-            (base, "get_image_features"): get_image_features,
-        }
+        processor_hooks = {**processor_count_hooks(processor, image_tokens), **prompt_hook(processor, remember_prompts)}
+        wrappers = {(processor, name): hook for name, hook in processor_hooks.items()}
+        wrappers[(base, "get_image_features")] = get_image_features
         saved = {key: key[0].__dict__.get(key[1], _MISSING) for key in wrappers}
         for (owner, name), wrapper in wrappers.items():
             setattr(owner, name, wrapper)

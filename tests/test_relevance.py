@@ -24,6 +24,8 @@ from tokenprune.adapters.relevance import (
 import tokenprune
 from tokenprune import ConfigError, ContractError, Needs, SignalError
 
+pytestmark = pytest.mark.compat  # also run against every supported transformers (make test-compat)
+
 transformers = pytest.importorskip("transformers")
 open_clip = pytest.importorskip("open_clip")
 

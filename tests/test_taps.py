@@ -23,6 +23,8 @@ from tokenprune.adapters.taps import (
     tap_for,
 )
 
+pytestmark = pytest.mark.compat  # also run against every supported transformers (make test-compat)
+
 WIDTH, HEADS, DEPTH, PATCH, IMAGE = 64, 4, 3, 8, 32
 HEAD_DIM = WIDTH // HEADS
 TOKENS = (IMAGE // PATCH) ** 2

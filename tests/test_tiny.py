@@ -19,6 +19,8 @@ from tokenprune.tiny import (
     tiny_tokenizer,
 )
 
+pytestmark = pytest.mark.compat  # also run against every supported transformers (make test-compat)
+
 transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
 

@@ -11,6 +11,8 @@ from torch import nn
 import tokenprune as tp
 from tokenprune.adapters.vision_tower import TowerPruneOutput, VisionTower
 
+pytestmark = pytest.mark.compat  # also run against every supported transformers (make test-compat)
+
 WIDTH, HEADS, DEPTH, PATCH, IMAGE = 64, 4, 3, 8, 32
 SIDE = IMAGE // PATCH
 TOKENS = SIDE * SIDE
