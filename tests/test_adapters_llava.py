@@ -341,7 +341,7 @@ def test_hero_with_a_clip_scorer_reuses_the_tower_cls(next_model, tmp_path_facto
             projection_dim=16,
         )
     ).eval()
-    clip.vision_model.load_state_dict(tower.state_dict())
+    clip.vision_model.load_state_dict(getattr(tower, "vision_model", tower).state_dict())
     scorer = HFClipScorer(clip, tokenizer)
 
     image, text = picture(120, 60, 17), chat(processor, "Where is the red car?")
