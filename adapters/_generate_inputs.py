@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -159,13 +160,18 @@ def processor_count_hooks(processor: Any, image_tokens: Callable[[tuple[int, int
 def prompt_hook(processor: Any, remember: Callable[[list[str]], None]) -> dict[str, Any]:
     """A per-instance wrapper that hands ``remember`` the processor's texts before the model
     runs (for prompt-relevance strategies in ``attach``); empty when there is no way in."""
+    token = re.escape(processor.image_token)
     for name in ("get_text_with_replacements", "_check_special_mm_tokens"):
         original = getattr(processor, name, None)
         if original is None:
             continue
+        # _check_special_mm_tokens (older processors) sees the texts after expansion: one run
+        # of placeholders per image (images placed back to back read as one there)
+        expanded = name == "_check_special_mm_tokens"
 
-        def wrapper(text: list[str], *args: Any, _original: Any = original, **kwargs: Any) -> Any:
-            remember(list(text))
+        def wrapper(text: list[str], *args: Any, _original: Any = original, _expanded: bool = expanded, **kwargs: Any) -> Any:
+            texts = [str(t) for t in text]
+            remember([re.sub(f"(?:{token})+", processor.image_token, t) for t in texts] if _expanded else texts)
             return _original(text, *args, **kwargs)
 
         return {name: functools.wraps(original)(wrapper)}
