@@ -33,11 +33,9 @@ real 7B and 13B at the same token counts. Not run in CI::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +46,19 @@ import tokenprune as tp
 from tokenprune.cost import KNOWN_LLMS, LLMShape, kv_cache_bytes, prefill_flops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Samples, environment, markdown_table, rotated, sync, timed
+from _common import (
+    Samples,
+    base_parser,
+    clip_vit_config,
+    environment,
+    interleaved,
+    markdown_table,
+    quiet_stderr,
+    rotated,
+    setup,
+    sync,
+    timed,
+)
 
 #: ``image_grid_pinpoints`` of the llava-v1.6 checkpoints, as (height, width).
 LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
@@ -130,6 +140,7 @@ def proportions(
 def build_processor() -> Any:
     """A ``LlavaNextProcessor`` at llava-v1.6 geometry with the byte-level tiny tokenizer."""
     import transformers
+
     from tokenprune.tiny import TINY_CHAT_TEMPLATE, tiny_tokenizer
 
     images = transformers.LlavaNextImageProcessor(
@@ -154,14 +165,7 @@ def build_proxy(
     import transformers
 
     tokenizer = processor.tokenizer
-    vision = transformers.CLIPVisionConfig(
-        hidden_size=vision_width,
-        intermediate_size=4 * vision_width,
-        num_hidden_layers=VISION_LAYERS,
-        num_attention_heads=max(1, vision_width // 64),
-        image_size=CROP_SIZE,
-        patch_size=PATCH_SIZE,
-    )
+    vision = clip_vit_config(vision_width, VISION_LAYERS, CROP_SIZE, PATCH_SIZE)
     text = transformers.LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=llm.hidden_size,
@@ -196,15 +200,20 @@ class LLMClock:
     def __init__(self, model: Any, device: torch.device) -> None:
         self.device = device
         self.active = False
+        self.keep_embeds = False  # keep the next forward's inputs_embeds (the LLM-only modes replay them)
+        self.embeds: torch.Tensor | None = None
         self.last: tuple[float, float] = (0.0, 0.0)
         self._start: tuple[float, float] = (0.0, 0.0)
         language_model = model.model.language_model
         self._handles = [
-            language_model.register_forward_pre_hook(self._before),
+            language_model.register_forward_pre_hook(self._before, with_kwargs=True),
             language_model.register_forward_hook(self._after),
         ]
 
-    def _before(self, *_: Any) -> None:
+    def _before(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        if self.keep_embeds:
+            self.embeds = kwargs.get("inputs_embeds")
+            self.keep_embeds = False
         if self.active:
             sync(self.device)
             self._start = (time.perf_counter(), time.process_time())
@@ -217,6 +226,32 @@ class LLMClock:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+_IDS = "_input_ids"  # kept beside inputs_embeds for the token counts, never passed to the model
+
+
+def as_inputs_embeds(model: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """``prepare``'s output as ``inputs_embeds``: the pruned image embeddings scattered into the
+    image-token positions, as the model does with ``mm_encoder_outputs``. Every transformers
+    version accepts ``inputs_embeds``; ``mm_encoder_outputs`` is new in 5.18."""
+    outputs = inputs.get("mm_encoder_outputs")
+    if outputs is None:
+        return inputs
+    input_ids = inputs["input_ids"]
+    embeds = model.get_input_embeddings()(input_ids)
+    features = torch.cat(list(outputs["image"].pooler_output)).to(embeds.dtype)
+    mask = (input_ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+    return {
+        "inputs_embeds": embeds.masked_scatter(mask, features),
+        "attention_mask": inputs["attention_mask"],
+        _IDS: input_ids,
+    }
+
+
+def model_kwargs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """What the model's forward takes of ``inputs``."""
+    return {key: value for key, value in inputs.items() if key != _IDS}
 
 
 def cache_bytes(cache: Any) -> int:
@@ -279,7 +314,7 @@ class PeakMemory:
             from torch.profiler import ProfilerActivity, profile
         except ImportError:
             return None, fn()
-        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             result = fn()
         try:
             nodes = list(prof.profiler.kineto_results.experimental_event_tree())
@@ -300,20 +335,6 @@ class PeakMemory:
         return peak, result
 
 
-@contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Silence the profiler backend's start/stop lines (written to fd 2 from C++)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 # --------------------------------------------------------------------------- variants
 
 
@@ -328,33 +349,27 @@ class Variant:
     prefill_length: int = 0
     kv_bytes: int = 0
     peak_bytes: int | None = None
+    embeds: torch.Tensor | None = None  # what the language model received (B = 1)
     llm: Samples = field(default_factory=Samples)
     ttft: Samples = field(default_factory=Samples)
     decode: Samples = field(default_factory=Samples)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (every variant once each)")
-    parser.add_argument(
-        "--warmup", type=int, default=1, help="untimed rounds first (at least 1: it also measures KV cache and memory)"
-    )
-    parser.add_argument("--budgets", default="0.4,0.2,0.1", help="pruned budgets besides 100%% (fractions)")
-    parser.add_argument("--new-tokens", type=int, default=8, help="greedy decode steps after the prefill")
-    parser.add_argument("--image", default="672x672", help="image WIDTHxHEIGHT in pixels")
-    parser.add_argument("--vision-width", type=int, default=128, help="proxy tower width (ViT-L: 1024)")
-    parser.add_argument("--llm-width", type=int, default=2048, help="proxy LLM width (Vicuna-7B: 4096)")
-    parser.add_argument(
-        "--llm-layers", type=int, default=None, help="proxy LLM depth (default: matches the 7B vision/LLM FLOP ratio)"
+    parser = base_parser(
+        __doc__.splitlines()[0],
+        ("--budgets", str, "0.4,0.2,0.1", "pruned budgets besides 100%% (fractions)"),
+        ("--new-tokens", int, 8, "greedy decode steps after the prefill"),
+        ("--image", str, "672x672", "image WIDTHxHEIGHT in pixels"),
+        ("--vision-width", int, 128, "proxy tower width (ViT-L: 1024)"),
+        ("--llm-width", int, 2048, "proxy LLM width (Vicuna-7B: 4096)"),
+        ("--llm-layers", int, None, "proxy LLM depth (default: matches the 7B vision/LLM FLOP ratio)"),
+        ("--llm-modes", str, "eager,cudagraph", "LLM-only prefill modes: eager, cudagraph (CUDA only), compile"),
+        ("--batch-sizes", str, "1,4,8", "images per call for the throughput rows (stock and 20%%); '' for none"),
     )
     parser.add_argument("--no-memory", action="store_true", help="do not measure peak memory")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    device, dtype = setup(args)
     width_px, height_px = (int(v) for v in args.image.lower().split("x"))
     budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
 
@@ -388,7 +403,11 @@ def main(argv: list[str] | None = None) -> None:
         pipe = tp.Pipeline(adapter="llava_next", allocator="hired", selector="cls_final", budget=budget, **options)
         label = f"{budget:.0%}" + (" (newline=row)" if budget == 1.0 else "")
         variants.append(
-            Variant(label, lambda p=pipe: p.prepare(model, processor, images=image, text=text), pipeline=pipe)
+            Variant(
+                label,
+                lambda p=pipe: as_inputs_embeds(model, p.prepare(model, processor, images=image, text=text)),
+                pipeline=pipe,
+            )
         )
     reference = variants[1]
 
@@ -406,15 +425,18 @@ def main(argv: list[str] | None = None) -> None:
                 prepare_wall, prepare_cpu, inputs = timed(variant.prepare, device)
 
                 def call(inputs: dict[str, Any] = inputs) -> Any:
-                    return model(**inputs, use_cache=True, logits_to_keep=1)
+                    return model(**model_kwargs(inputs), use_cache=True, logits_to_keep=1)
 
                 if round_index == 0:
+                    clock.keep_embeds = True
                     peak, out = memory.measure(call) if memory_measured else (None, call())
+                    variant.embeds = clock.embeds
                     variant.peak_bytes = peak
                     memory_measured = memory_measured and peak is not None
                     variant.kv_bytes = cache_bytes(out.past_key_values)
-                    variant.prefill_length = int(inputs["input_ids"].shape[1])
-                    variant.image_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
+                    token_ids = inputs.get("input_ids", inputs.get(_IDS))
+                    variant.prefill_length = int(token_ids.shape[1])
+                    variant.image_tokens = int((token_ids == model.config.image_token_id).sum())
                     prefill_wall = prefill_cpu = 0.0
                 else:
                     clock.active = True
@@ -431,8 +453,153 @@ def main(argv: list[str] | None = None) -> None:
                     variant.decode.add(decode_wall, decode_cpu)
                 del out, inputs, call, decode  # the next variant must not share memory with this one
     clock.remove()
+    modes = [m.strip() for m in args.llm_modes.split(",") if m.strip()]
+    llm_only = measure_llm_only(model, variants, modes, args.warmup, args.repeats, device)
+    sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    batch_budget = 0.2 if 0.2 in budgets else (budgets[0] if budgets else 1.0)
+    throughput = measure_batches(model, processor, image, text, sizes, batch_budget, args, device, dtype)
     elapsed = time.perf_counter() - start
     report(args, plan, variants, reference, memory.method if memory_measured else None, device, dtype, elapsed)
+    report_llm_only(llm_only, variants, reference)
+    report_batches(throughput, batch_budget)
+    report_ttft(variants)
+
+
+# --------------------------------------------------------------------------- LLM-only modes
+
+
+def _llm_runner(language_model: Any, embeds: torch.Tensor, mode: str, device: torch.device) -> Callable[[], Any]:
+    """A call running the language model's prefill over ``embeds`` in ``mode`` (no cache)."""
+    if mode == "eager":
+        return lambda: language_model(inputs_embeds=embeds, use_cache=False)
+    if mode == "compile":
+        compiled = torch.compile(language_model, mode="max-autotune-no-cudagraphs", dynamic=False)
+        return lambda: compiled(inputs_embeds=embeds, use_cache=False)
+    if mode == "cudagraph":
+        if device.type != "cuda":
+            raise RuntimeError("CUDA graphs need a CUDA device")
+        static = embeds.clone()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm up outside the graph (allocator, lazy inits)
+            for _ in range(2):
+                language_model(inputs_embeds=static, use_cache=False)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            language_model(inputs_embeds=static, use_cache=False)
+        return graph.replay
+    raise ValueError(f"unknown LLM mode {mode!r}; use eager, cudagraph or compile")
+
+
+def measure_llm_only(
+    model: Any, variants: list[Variant], modes: list[str], warmup: int, repeats: int, device: torch.device
+) -> dict[str, dict[str, Samples] | str]:
+    """Per mode: the LLM prefill of every variant's own inputs_embeds (B = 1), interleaved;
+    a mode that fails on this torch/transformers/device is reported with why, not raised."""
+    language_model = model.model.language_model
+    results: dict[str, dict[str, Samples] | str] = {}
+    with torch.inference_mode():
+        for mode in modes:
+            try:
+                runners = {v.name: _llm_runner(language_model, v.embeds, mode, device) for v in variants}
+                results[mode] = interleaved(runners, device, warmup=warmup, repeats=repeats)
+            except Exception as error:  # noqa: BLE001  (a mode a version lacks is reported, not fatal)
+                results[mode] = f"unavailable: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+            finally:
+                runners = {}
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                    torch.cuda.empty_cache()
+    return results
+
+
+def report_llm_only(results: dict[str, dict[str, Samples] | str], variants: list[Variant], reference: Variant) -> None:
+    print(
+        "\n### LLM prefill alone, per mode (the language model over each variant's own inputs_embeds, batch 1, "
+        "no cache; `cudagraph` replays one captured CUDA graph per input length: no per-launch overhead)\n"
+    )
+    modes = list(results)
+    rows = []
+    for v in variants:
+        row: list[object] = [v.name, v.prefill_length]
+        for mode in modes:
+            samples = results[mode]
+            if isinstance(samples, str):
+                row += ["-", "-"]
+                continue
+            row += [
+                f"{samples[v.name].wall_median * 1e3:.1f}",
+                _ratio(samples[reference.name].wall_median, samples[v.name].wall_median),
+            ]
+        rows.append(row)
+    headers = ["variant", "prefill tokens"]
+    for mode in modes:
+        headers += [f"{mode} (ms)", f"{mode} speed-up"]
+    print(markdown_table(headers, rows))
+    for mode in modes:
+        if isinstance(results[mode], str):
+            print(f"\n{mode}: {results[mode]}")
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def measure_batches(
+    model: Any,
+    processor: Any,
+    image: Any,
+    text: str,
+    sizes: list[int],
+    budget: float,
+    args: argparse.Namespace,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[tuple[str, int], Samples]:
+    """Time to first token of a call on ``B`` copies of the image, stock vs pruned, interleaved."""
+    pipe = tp.Pipeline(adapter="llava_next", allocator="hired", selector="cls_final", budget=budget)
+
+    def stock(batch: int) -> dict[str, Any]:
+        inputs = processor(images=[image] * batch, text=[text] * batch, return_tensors="pt", padding=True)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        return inputs
+
+    def pruned(batch: int) -> dict[str, Any]:
+        return as_inputs_embeds(model, pipe.prepare(model, processor, images=[image] * batch, text=[text] * batch))
+
+    calls = {(name, b): (lambda f=f, b=b: model(**model_kwargs(f(b)), use_cache=True, logits_to_keep=1))
+             for b in sizes for name, f in (("stock", stock), (f"{budget:.0%}", pruned))}
+    return interleaved(calls, device, warmup=args.warmup, repeats=args.repeats)
+
+
+def report_batches(samples: dict[tuple[str, int], Samples], budget: float) -> None:
+    if not samples:
+        return
+    print(f"\n### Batches: B copies of the image per call, TTFT (processor or prepare + prefill), stock vs {budget:.0%}\n")
+    rows = []
+    for (name, batch), times in samples.items():
+        stock = samples[("stock", batch)].wall_median
+        rows.append([name, batch, f"{times.wall_median * 1e3:.0f}", f"{batch / times.wall_median:.1f}",
+                     _ratio(stock, times.wall_median)])
+    print(markdown_table(["variant", "images per call", "TTFT (ms)", "images/s", "speed-up vs stock"], rows, left=2))
+
+
+def report_ttft(variants: list[Variant]) -> None:
+    """The headline lines: TTFT and its part before the LLM, pruned vs stock."""
+    stock = variants[0]
+    stock_ttft, stock_pre = stock.ttft.wall_median, stock.ttft.wall_median - stock.llm.wall_median
+    lines = []
+    for v in variants[2:]:
+        pre = v.ttft.wall_median - v.llm.wall_median
+        lines.append(
+            f"- {v.name}: TTFT {_ratio(stock_ttft, v.ttft.wall_median)} faster than stock "
+            f"({v.ttft.wall_median * 1e3:.1f} vs {stock_ttft * 1e3:.1f} ms); TTFT − LLM (processor, tower, "
+            f"strategies, projector) {pre * 1e3:.1f} ms vs stock {stock_pre * 1e3:.1f} ms "
+            f"({'≤ stock: met' if pre <= stock_pre else 'over stock: NOT met'})"
+        )
+    print("\n### Time to first token, pruned vs stock (eager LLM)\n")
+    print("\n".join(lines))
 
 
 # --------------------------------------------------------------------------- report

@@ -24,9 +24,7 @@ included, so a new strategy shows up without editing this file. Not run in CI::
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +36,17 @@ from tokenprune.adapters.llava_next_partitioner import LlavaNextPartitioner
 import tokenprune as tp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Samples, environment, markdown_table, rotated, timed
+from _common import (
+    Samples,
+    base_parser,
+    build_clip_tower,
+    environment,
+    markdown_table,
+    quiet_stderr,
+    rotated,
+    setup,
+    timed,
+)
 
 #: ``image_grid_pinpoints`` of the llava-v1.6 checkpoints, as (height, width).
 LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
@@ -56,26 +64,10 @@ class Variant:
     kind: str
     budget: str
     run: Callable[[], object]
+    batch: int = 1
     kept: int | None = None
     ops: int | None = None
     error: str | None = None
-
-
-def build_tower(device: torch.device, dtype: torch.dtype, layers: int) -> torch.nn.Module:
-    """CLIP ViT-L/14-336 (LLaVA's tower) with random weights and SDPA attention."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    torch.manual_seed(0)
-    config = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=layers,
-        num_attention_heads=16,
-        image_size=CROP_SIZE,
-        patch_size=PATCH_SIZE,
-    )
-    model = CLIPVisionModel._from_config(config, attn_implementation="sdpa")
-    return model.to(device=device, dtype=dtype).eval()
 
 
 def cls_attention(generator: torch.Generator, partitions: int, heads: int, tokens: int) -> torch.Tensor:
@@ -127,46 +119,42 @@ def realistic_signals(
     )
 
 
-def variants(layout: tp.Layout, signals: tp.Signals, patterns: list[str]) -> list[Variant]:
-    """Every registered allocator (20 %, 40 %) and selector (hired's 20 % budgets), and the pipelines."""
+def variants(layout: tp.Layout, signals: tp.Signals, patterns: list[str], batch: int = 1) -> list[Variant]:
+    """Every registered allocator (20 %, 40 %) and selector (hired's 20 % budgets), and the
+    pipelines, each called once on a batch of ``batch`` copies of the image (the batched
+    entry points ``allocate_batch`` / ``select_batch`` / ``apply_batch`` when ``batch > 1``)."""
 
     def wanted(name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
     totals = {share: tp.parse_budget(share).tokens(layout.full_tokens) for share in (0.2, 0.4)}
     budgets = tp.build_allocator("hired").allocate(layout, signals, totals[0.2])
+    layouts, many = [layout] * batch, [signals] * batch
     out: list[Variant] = []
     for name in tp.list_allocators():
         if not wanted(name):
             continue
         allocator = tp.build_allocator(name)
         for share, total in totals.items():
-            out.append(
-                Variant(
-                    name,
-                    "allocator",
-                    f"{share:.0%} ({total})",
-                    lambda a=allocator, t=total: a.allocate(layout, signals, t),
-                )
+            run = (lambda a=allocator, t=total: a.allocate(layout, signals, t)) if batch == 1 else (
+                lambda a=allocator, t=total: a.allocate_batch(layouts, many, [t] * batch)
             )
+            out.append(Variant(name, "allocator", f"{share:.0%} ({total})", run, batch))
     for name in tp.list_selectors():
         if not wanted(name):
             continue
         selector = tp.build_selector(name)
-        out.append(
-            Variant(
-                name,
-                "selector",
-                "20% via hired",
-                lambda s=selector: s.select(layout, signals, budgets),
-            )
+        run = (lambda s=selector: s.select(layout, signals, budgets)) if batch == 1 else (
+            lambda s=selector: s.select_batch(layouts, many, [budgets] * batch)
         )
+        out.append(Variant(name, "selector", "20% via hired", run, batch))
     for allocator_name, selector_name in PIPELINES:
         label = f"{allocator_name} + {selector_name}"
         if not (wanted(allocator_name) or wanted(selector_name) or wanted(label)):
             continue
         pipe = tp.Pipeline(allocator=allocator_name, selector=selector_name, budget=0.2)
-        out.append(Variant(label, "Pipeline.apply", f"20% ({totals[0.2]})", lambda p=pipe: p.apply(layout, signals)))
+        run = (lambda p=pipe: p.apply(layout, signals)) if batch == 1 else (lambda p=pipe: p.apply_batch(layouts, many))
+        out.append(Variant(label, "Pipeline.apply", f"20% ({totals[0.2]})", run, batch))
     return out
 
 
@@ -177,20 +165,14 @@ def count_ops(fn: Callable[[], object]) -> int | None:
         from torch.profiler import ProfilerActivity, profile
     except ImportError:
         return None
-    sys.stderr.flush()
-    saved = os.dup(2)  # the profiler backend writes start/stop lines to fd 2
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                fn()
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:  # the backend's start/stop lines
+        fn()
     return sum(1 for e in prof.events() if e.name.startswith("aten::") and not e.cpu_children)
 
 
 def kept_tokens(result: object) -> int | None:
+    if isinstance(result, list):  # a batch: the first image's
+        return kept_tokens(result[0]) if result else None
     if isinstance(result, torch.Tensor):
         return int(result.sum())
     if isinstance(result, tp.Selection):
@@ -200,25 +182,19 @@ def kept_tokens(result: object) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (one tower forward each)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    parser.add_argument("--inner", type=int, default=5, help="calls of every strategy per round")
-    parser.add_argument("--image", default="672x448", help="image WIDTHxHEIGHT in pixels (default 672x448)")
-    parser.add_argument("--heads", type=int, default=16, help="attention heads of the signals")
-    parser.add_argument("--width", type=int, default=1024, help="width of features, keys, CLS embeddings")
-    parser.add_argument(
-        "--tower-layers", type=int, default=TOWER_LAYERS, help="tower blocks (24 = ViT-L; fewer only for a smoke run)"
+    parser = base_parser(
+        __doc__.splitlines()[0],
+        ("--inner", int, 5, "calls of every strategy per round"),
+        ("--image", str, "672x448", "image WIDTHxHEIGHT in pixels (default 672x448)"),
+        ("--heads", int, 16, "attention heads of the signals"),
+        ("--width", int, 1024, "width of features, keys, CLS embeddings"),
+        ("--tower-layers", int, TOWER_LAYERS, "tower blocks (24 = ViT-L; fewer only for a smoke run)"),
+        ("--target", float, 0.5, "target: strategy time <= this %% of the tower"),
+        ("--only", str, "*", "comma-separated name patterns to time (default: all)"),
+        ("--batch-sizes", str, "1", "images per call, e.g. 1,8: each row per batch, as %% of the tower on as many"),
     )
-    parser.add_argument("--target", type=float, default=0.5, help="target: strategy time <= this %% of the tower")
-    parser.add_argument("--only", default="*", help="comma-separated name patterns to time (default: all)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    device, dtype = setup(args)
     width_px, height_px = (int(v) for v in args.image.lower().split("x"))
 
     partitioner = LlavaNextPartitioner(LLAVA_NEXT_PINPOINTS, CROP_SIZE, PATCH_SIZE)
@@ -227,26 +203,29 @@ def main(argv: list[str] | None = None) -> None:
     strategies += [tp.build_selector(n) for n in tp.list_selectors()]
     needs = tp.Needs.union(*(s.needs for s in strategies))
     signals = realistic_signals(needs, layout, heads=args.heads, width=args.width, device=device, dtype=dtype)
-    timed_variants = variants(layout, signals, [p.strip() for p in args.only.split(",")])
+    sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    patterns = [p.strip() for p in args.only.split(",")]
+    timed_variants = [v for batch in sizes for v in variants(layout, signals, patterns, batch)]
     twenty_percent = tp.parse_budget(0.2).tokens(layout.full_tokens)
     selector_budgets = tp.build_allocator("hired").allocate(layout, signals, twenty_percent).tolist()
 
-    tower = build_tower(device, dtype, args.tower_layers)
+    tower = build_clip_tower(device, dtype, width=1024, layers=args.tower_layers, image_size=CROP_SIZE)
     crops = layout.num_partitions
     pixels = torch.randn(crops, 3, CROP_SIZE, CROP_SIZE, generator=torch.Generator().manual_seed(1))
     pixels = pixels.to(device, dtype)
 
-    def tower_forward() -> object:
+    def tower_forward(batch: int) -> object:
         with torch.inference_mode():
-            return tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+            return tower(pixel_values=pixels.repeat(batch, 1, 1, 1), output_hidden_states=True).hidden_states[-2]
 
-    tower_samples = Samples()
+    tower_samples = {batch: Samples() for batch in sizes}
     samples = {id(v): Samples() for v in timed_variants}
     for round_index in range(args.warmup + args.repeats):
         timing = round_index >= args.warmup
-        wall, cpu, _ = timed(tower_forward, device)
-        if timing:
-            tower_samples.add(wall, cpu)
+        for batch in sizes:
+            wall, cpu, _ = timed(lambda b=batch: tower_forward(b), device)
+            if timing:
+                tower_samples[batch].add(wall, cpu)
         for variant in rotated(timed_variants, round_index):
             if variant.error:
                 continue
@@ -262,34 +241,37 @@ def main(argv: list[str] | None = None) -> None:
             if round_index == 0 and not variant.error:
                 variant.ops = count_ops(variant.run)
 
-    tower_wall, tower_cpu = tower_samples.wall_median, tower_samples.cpu_median
+    tower_wall = {b: t.wall_median for b, t in tower_samples.items()}
+    tower_cpu = {b: t.cpu_median for b, t in tower_samples.items()}
     print(
         f"\n{environment(device, dtype)}\n"
         f"image {width_px}x{height_px} px -> LLaVA-NeXT tiles {layout.tiles} + thumbnail, "
         f"{layout.num_partitions} x {layout.tokens_per_partition} tokens, capacity {layout.capacity.tolist()}; "
         f"signals: {args.heads} heads, width {args.width}, needs {needs.describe()}\n"
         f"tower: CLIP ViT-L/14-336 ({args.tower_layers} blocks), {crops} crops, SDPA: "
-        f"median {tower_wall * 1e3:.0f} ms wall, {tower_cpu * 1e3:.0f} ms CPU over {args.repeats} rounds; "
+        + ", ".join(f"B={b}: median {tower_wall[b] * 1e3:.0f} ms wall, {tower_cpu[b] * 1e3:.0f} ms CPU" for b in sizes)
+        + f" over {args.repeats} rounds; "
         f"strategies: medians of {args.repeats * args.inner} calls after {args.warmup} warm-up round(s)\n"
     )
     rows = []
     failures = []
     for variant in timed_variants:
         if variant.error:
-            rows.append([variant.name, variant.kind, variant.budget, *["-"] * 6, f"error: {variant.error}"])
+            rows.append([variant.name, variant.kind, variant.budget, variant.batch, *["-"] * 6, f"error: {variant.error}"])
             failures.append(variant.name)
             continue
         times = samples[id(variant)]
-        share_wall = 100 * times.wall_median / tower_wall
-        share_cpu = 100 * times.cpu_median / tower_cpu
+        share_wall = 100 * times.wall_median / tower_wall[variant.batch]
+        share_cpu = 100 * times.cpu_median / tower_cpu[variant.batch]
         ok = share_wall <= args.target
         if not ok:
-            failures.append(f"{variant.name} ({variant.kind}, {variant.budget})")
+            failures.append(f"{variant.name} ({variant.kind}, {variant.budget}, B={variant.batch})")
         rows.append(
             [
                 variant.name,
                 variant.kind,
                 variant.budget,
+                variant.batch,
                 variant.kept if variant.kept is not None else "-",
                 variant.ops if variant.ops is not None else "-",
                 f"{times.wall_median * 1e3:.2f}",
@@ -303,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         "strategy",
         "kind",
         "budget",
+        "B",
         "kept",
         "aten ops",
         "wall (ms)",
@@ -312,6 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         f"≤ {args.target}% (wall)",
     ]
     print(markdown_table(headers, rows, left=3))
+    print("\nB: images per call (the batched entry point when B > 1); % of the tower forward on as many images.")
     slowest = max(
         (v for v in timed_variants if not v.error),
         key=lambda v: samples[id(v)].wall_median,
@@ -320,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = f"\n{len(timed_variants) - len(failures)} of {len(timed_variants)} within {args.target}% of the tower"
     if slowest is not None:
         summary += (
-            f"; slowest: {slowest.name} ({slowest.kind}) at {100 * samples[id(slowest)].wall_median / tower_wall:.3f}%"
+            f"; slowest: {slowest.name} ({slowest.kind}) at {100 * samples[id(slowest)].wall_median / tower_wall[slowest.batch]:.3f}%"
         )
     print(summary + (f"; over the target: {', '.join(failures)}" if failures else ""))
     print(f"selector budgets (hired at 20%): {selector_budgets}")

@@ -10,8 +10,10 @@ LLaVA-NeXT-sized batch of crops (default 5 crops of 336 px) three ways, interlea
 * ``eager + output_attentions``: how the HERO release reads attention: eager attention
   and every layer's full ``[B, H, L, L]`` map materialised.
 
-Prints a Markdown table of median times and ratios, and the memory held by what each path
-returns (tap rows + features vs the full maps + hidden states). Not run in CI::
+Prints a Markdown table of median times and ratios, the memory held by what each path
+returns (tap rows + features vs the full maps + hidden states), and what the tap adds to
+one forward in dispatched operators, kernels (non-view operators) and device->host reads,
+counted with a dispatch mode (the same on every device). Not run in CI::
 
     .venv/bin/python benchmarks/tap.py --device cpu --dtype float32 --repeats 3
     .venv/bin/python benchmarks/tap.py --device cuda --dtype float16 --repeats 20
@@ -19,16 +21,29 @@ returns (tap rows + features vs the full maps + hidden states). Not run in CI::
 
 from __future__ import annotations
 
-import argparse
 import copy
-import statistics
-import time
+import sys
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
+from tokenprune.adapters.taps import tap_for
 
 import tokenprune as tp
-from tokenprune.adapters.taps import tap_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (
+    VIT_L,
+    OpCounter,
+    Samples,
+    base_parser,
+    build_clip_tower,
+    environment,
+    markdown_table,
+    rotated,
+    setup,
+    timed,
+)
 
 HIRED_NEEDS = tp.Needs(cls_attention={0, 22})
 FEATURE_LAYER = -2
@@ -38,46 +53,21 @@ def _bytes(tensors: Iterable[torch.Tensor | None]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def build_towers(device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The SDPA tower and an eager copy with the same random weights."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    torch.manual_seed(0)
-    config = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
+def main(argv: list[str] | None = None) -> None:
+    parser = base_parser(
+        __doc__.splitlines()[0],
+        ("--crops", int, 5, "crops of 336 px (LLaVA-NeXT 2x2 + thumbnail: 5)"),
+        ("--width", int, VIT_L["width"], "tower width (ViT-L: 1024)"),
+        ("--layers", int, VIT_L["layers"], "tower blocks (>= 23: HiRED reads block 22)"),
     )
-    sdpa = CLIPVisionModel._from_config(config, attn_implementation="sdpa").to(device=device, dtype=dtype).eval()
+    parser.add_argument("--verbose", action="store_true", help="print every run's time")
+    args = parser.parse_args(argv)
+    device, dtype = setup(args)
+
+    sdpa = build_clip_tower(device, dtype, width=args.width, layers=args.layers)
     eager = copy.deepcopy(sdpa)
     eager.set_attn_implementation("eager")
-    return sdpa, eager
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--crops", type=int, default=5, help="crops of 336 px (LLaVA-NeXT 2x2 + thumbnail: 5)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per path (interleaved)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per path first")
-    parser.add_argument("--verbose", action="store_true", help="print every run's time")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-
-    sdpa, eager = build_towers(device, dtype)
+    needs = tp.Needs(cls_attention={0, min(22, args.layers - 1)})
     pixels = torch.randn(args.crops, 3, 336, 336, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     tap = tap_for(sdpa)
     kept: dict[str, tuple[int, int]] = {}  # path -> (attention bytes, all returned bytes)
@@ -87,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         kept["plain SDPA"] = (0, _bytes(out.hidden_states))
 
     def tapped() -> None:
-        with tap.capture(HIRED_NEEDS, feature_layer=FEATURE_LAYER) as record:
+        with tap.capture(needs, feature_layer=FEATURE_LAYER) as record:
             sdpa(pixel_values=pixels)
         attention = _bytes(record.cls_attention.values())
         kept["SDPA + tap"] = (attention, attention + _bytes([record.features]))
@@ -105,59 +95,50 @@ def main(argv: list[str] | None = None) -> None:
     # On a CPU the ratios use process CPU time (all threads): on a shared machine other
     # processes stretch wall time at random, not the work this process does. On CUDA: wall time.
     use_cpu_time = device.type == "cpu"
-    wall: dict[str, list[float]] = {name: [] for name in paths}
-    cpu: dict[str, list[float]] = {name: [] for name in paths}
+    samples = {name: Samples() for name in paths}
     peaks: dict[str, int] = {}
     names = list(paths)
     with torch.no_grad():
+        counts = {name: OpCounter.of(paths[name]) for name in ("plain SDPA", "SDPA + tap")}
         for round_index in range(args.warmup + args.repeats):
-            # rotate the order every round so no path always runs first (caches, thermals)
-            shift = round_index % len(names)
-            for name in names[shift:] + names[:shift]:
+            for name in rotated(names, round_index):
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                _sync(device)
-                start_wall, start_cpu = time.perf_counter(), time.process_time()
-                paths[name]()
-                _sync(device)
-                elapsed_wall, elapsed_cpu = time.perf_counter() - start_wall, time.process_time() - start_cpu
+                wall, cpu, _ = timed(paths[name], device)
                 if device.type == "cuda":
                     peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated(device))
                 if round_index >= args.warmup:
-                    wall[name].append(elapsed_wall)
-                    cpu[name].append(elapsed_cpu)
+                    samples[name].add(wall, cpu)
                 if args.verbose:
-                    print(f"round {round_index}: {name}: wall {elapsed_wall:.3f} s, cpu {elapsed_cpu:.3f} s", flush=True)
+                    print(f"round {round_index}: {name}: wall {wall:.3f} s, cpu {cpu:.3f} s", flush=True)
 
-    timed = cpu if use_cpu_time else wall
-    medians = {name: statistics.median(values) for name, values in timed.items()}
+    medians = {name: (s.cpu_median if use_cpu_time else s.wall_median) for name, s in samples.items()}
     base, tap_time = medians["plain SDPA"], medians["SDPA + tap"]
     maps_bytes = kept["eager + output_attentions"][0]
     mib = 2**20
-    clock = "CPU time" if use_cpu_time else "wall time"
     print(
-        f"\nCLIP ViT-L/14-336, {args.crops} crops, {args.dtype} on {device} "
-        f"({torch.get_num_threads()} threads), medians of {args.repeats} interleaved runs "
-        f"after {args.warmup} warm-up; ratios of {clock}\n"
+        f"\n{environment(device, dtype)}\nCLIP ViT (width {args.width}, {args.layers} blocks), {args.crops} crops of "
+        f"336 px; medians of {args.repeats} interleaved runs after {args.warmup} warm-up; ratios of "
+        f"{'CPU time' if use_cpu_time else 'wall time'}\n"
     )
-    header = "| path | wall (s) |" + (" CPU time (s) |" if use_cpu_time else "")
-    header += " × plain SDPA | × SDPA + tap | attention returned (MiB) | all returned (MiB) |"
-    if peaks:
-        header += " peak GPU memory (MiB) |"
-    print(header)
-    print("|---|" + "---:|" * (header.count("|") - 2))
+    headers = ["path", "wall (ms)", "CPU time (ms)", "× plain SDPA", "× SDPA + tap", "attention returned (MiB)",
+               "all returned (MiB)"]
+    headers += ["peak GPU memory (MiB)"] if peaks else []
+    rows = []
     for name in names:
         attention, total = kept[name]
-        row = f"| {name} | {statistics.median(wall[name]):.2f} |"
-        if use_cpu_time:
-            row += f" {statistics.median(cpu[name]):.2f} |"
-        row += (
-            f" {medians[name] / base:.3f} | {medians[name] / tap_time:.3f} "
-            f"| {attention / mib:.2f} | {total / mib:.1f} |"
-        )
-        if peaks:
-            row += f" {peaks[name] / mib:.0f} |"
-        print(row)
+        row = [name, f"{samples[name].wall_median * 1e3:.1f}", f"{samples[name].cpu_median * 1e3:.1f}",
+               f"{medians[name] / base:.3f}", f"{medians[name] / tap_time:.3f}", f"{attention / mib:.2f}",
+               f"{total / mib:.1f}"]
+        rows.append(row + ([f"{peaks[name] / mib:.0f}"] if peaks else []))
+    print(markdown_table(headers, rows))
+    plain_count, tap_count = counts["plain SDPA"], counts["SDPA + tap"]
+    print(
+        "\nWhat the tap adds to one forward (dispatch-mode count, HiRED's needs + features): "
+        f"{tap_count.ops - plain_count.ops} operators, {tap_count.kernels - plain_count.kernels} kernels "
+        f"(non-view), {tap_count.host_reads - plain_count.host_reads} device->host reads "
+        f"(plain forward: {plain_count.ops} operators, {plain_count.kernels} kernels)"
+    )
     tap_attention, tap_total = kept["SDPA + tap"]
     print(
         f"\nTargets: tap / plain SDPA = {tap_time / base:.3f} (≤ 1.05); "
@@ -165,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         f"tap attention rows / full maps = {tap_attention / maps_bytes:.4%}; "
         f"tap rows + features / full maps = {tap_total / maps_bytes:.2%} (≤ 1%)"
     )
+
 
 if __name__ == "__main__":
     main()

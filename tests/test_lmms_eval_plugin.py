@@ -22,12 +22,16 @@ import pytest
 
 pytest.importorskip("lmms_eval")
 
-from lmms_eval.api.instance import Instance
+from lmms_eval.api.instance import GenerationResult, Instance
 from PIL import Image
 
 from tokenprune import ConfigError, IncompatibleError, TokenpruneError
+from tokenprune.experiments.lmms_eval_plugin import (
+    _generated_counts,
+    parse_model_args,
+    parse_value,
+)
 from tokenprune.tiny import save_tiny, tiny_llava_next
-from tokenprune.experiments.lmms_eval_plugin import parse_model_args, parse_value
 
 FAKE_DIST = "tokenprune_lmms_plugin_test-0.0.dist-info"
 ENTRY_POINTS = "[lmms_eval.models]\ntokenprune = tokenprune.experiments.lmms_eval_plugin:lmms_eval_models\n"
@@ -99,6 +103,15 @@ def docs() -> list[dict[str, Any]]:
 
 def doc_to_visual(doc: dict[str, Any]) -> list[Image.Image]:
     return [doc["image"]]
+
+
+def texts(results: list[GenerationResult]) -> list[str]:
+    assert all(isinstance(r, GenerationResult) and isinstance(r.text, str) for r in results), results
+    return [r.text for r in results]
+
+
+def read_stats(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def request(doc_id: int, gen_kwargs: dict[str, Any], visual: Any = doc_to_visual) -> Instance:
@@ -223,7 +236,7 @@ def test_generate_until_answers_in_order_and_applies_the_budget(lm: Any) -> None
     before = len(lm.stats)
     gen_kwargs = {"max_new_tokens": 6, "temperature": 0, "do_sample": False}
     answers = lm.generate_until([request(i, dict(gen_kwargs)) for i in range(3)])
-    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    assert len(texts(answers)) == 3
     records = lm.stats[before:]
     assert [r["doc_id"] for r in records] == [0, 1, 2]
     for (width, height), record in zip(SIZES, records):
@@ -233,8 +246,7 @@ def test_generate_until_answers_in_order_and_applies_the_budget(lm: Any) -> None
         assert image["kept_total"] == math.floor(0.2 * image["full_tokens"]) == image["image_tokens"]
         assert image["image_tokens"] <= 0.2 * image["full_tokens"]
         assert image["newline_tokens"] == 0
-    lines = lm.stats_path.read_text().splitlines()
-    written = sorted((json.loads(line) for line in lines[-3:]), key=lambda r: r["doc_id"])
+    written = sorted(read_stats(lm.stats_path)[-3:], key=lambda r: r["doc_id"])
     assert written == records  # written batch by batch, longest context first
     summary = lm.token_summary()
     assert summary["image_tokens"] == sum(r["images"][0]["image_tokens"] for r in lm.stats)
@@ -250,25 +262,25 @@ def test_answers_follow_the_requests_whatever_their_order(lm: Any) -> None:
         permuted = lm.generate_until([request(i, gen_kwargs) for i in (2, 0, 1)])
     finally:
         lm.batch_size_per_device = 3
-    assert len(set(forward)) == 3  # distinct answers, so a mix-up could not go unseen
-    assert permuted == [forward[2], forward[0], forward[1]]
+    assert len(set(texts(forward))) == 3  # distinct answers, so a mix-up could not go unseen
+    assert permuted == [forward[2], forward[0], forward[1]]  # texts and token counts
     assert [r["doc_id"] for r in lm.stats[-3:]] == [2, 0, 1]
 
 
 def test_until_stop_strings_are_honoured(lm: Any) -> None:
     shared = {"max_new_tokens": 8, "temperature": 0}
-    free = lm.generate_until([request(i, dict(shared)) for i in range(3)])
+    free = texts(lm.generate_until([request(i, dict(shared)) for i in range(3)]))
     longest = max(range(3), key=lambda i: len(free[i]))
     text = free[longest]
     assert len(text) >= 2, free
     stop = text[len(text) // 2]
     expected = [answer[: answer.find(stop)] if stop in answer else answer for answer in free]
     gen_kwargs = {**shared, "until": ["never appears \x00", "", stop]}
-    stopped = lm.generate_until([request(i, gen_kwargs) for i in range(3)])
+    stopped = texts(lm.generate_until([request(i, gen_kwargs) for i in range(3)]))
     assert stopped == expected
     assert len(stopped[longest]) < len(text)
     assert gen_kwargs["until"] == ["never appears \x00", "", stop]  # the task's dict is left alone
-    single = lm.generate_until([request(i, {**shared, "until": stop}) for i in range(3)])
+    single = texts(lm.generate_until([request(i, {**shared, "until": stop}) for i in range(3)]))
     assert single == expected
 
 
@@ -277,8 +289,12 @@ def test_a_document_without_an_image_is_answered_from_text(lm: Any) -> None:
     answers = lm.generate_until(
         [request(0, {"max_new_tokens": 3}), request(2, {"max_new_tokens": 3}, visual=lambda doc: [])]
     )
-    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    assert len(texts(answers)) == 2
     assert [len(r["images"]) for r in lm.stats[before:]] == [1, 0]
+    # the text-only prefill is the tokenized prompt, with no image token in it
+    prompt = lm._prompt(QUESTIONS[2], 0)
+    assert answers[1].token_counts.input_tokens == len(lm.tokenizer(prompt)["input_ids"])
+    assert answers[1].token_counts.image_tokens == 0
 
 
 def test_unsupported_request_types_say_so(lm: Any) -> None:
@@ -286,3 +302,89 @@ def test_unsupported_request_types_say_so(lm: Any) -> None:
         lm.loglikelihood([])
     with pytest.raises(NotImplementedError, match="video and audio are not supported"):
         lm.generate_until([request(0, {"max_new_tokens": 2}, visual=lambda doc: ["clip.mp4"])])
+
+
+# ---------------------------------------------------------------------- token counts and runs
+def test_answers_carry_the_real_prefill_and_generated_token_counts(lm: Any) -> None:
+    """lmms-eval gets GenerationResults: ``input_tokens`` is what the LLM was fed, i.e. the
+    stock processor's prompt length with the stock image tokens swapped for the kept ones."""
+    before = len(lm.stats)
+    gen_kwargs = {"max_new_tokens": 5, "temperature": 0}
+    results = lm.generate_until([request(i, dict(gen_kwargs)) for i in range(3)])
+    for doc_id, (result, record) in enumerate(zip(results, lm.stats[before:])):
+        (image,) = record["images"]
+        stock = lm.processor(images=[docs()[doc_id]["image"]], text=[lm._prompt(QUESTIONS[doc_id], 1)])
+        stock_prefill = len(stock["input_ids"][0])
+        counts = result.token_counts
+        assert counts.input_tokens == stock_prefill - image["stock_image_tokens"] + image["image_tokens"]
+        assert counts.input_tokens < stock_prefill  # a 20% budget prunes
+        assert 1 <= counts.output_tokens <= 5
+        assert counts.to_dict() == {
+            "input_tokens": record["input_tokens"],
+            "output_tokens": record["output_tokens"],
+            "image_tokens": image["image_tokens"],
+            "stock_image_tokens": image["stock_image_tokens"],
+            "run_id": lm.run_id,
+        }
+        assert record["input_tokens"] == counts.input_tokens and record["run_id"] == lm.run_id
+
+
+def test_generated_counts_stop_at_the_first_end_of_sequence_token() -> None:
+    import torch
+
+    eos, pad = 2, 2  # generate pads finished rows, here with the eos id itself
+    new_tokens = torch.tensor([[5, 6, eos, pad, pad], [5, 6, 7, 8, 9], [eos, pad, pad, pad, pad], [7, 8, 9, 1, eos]])
+    assert _generated_counts(new_tokens, [eos]) == [3, 5, 1, 5]
+    assert _generated_counts(new_tokens, [9, eos]) == [3, 5, 1, 3]
+    assert _generated_counts(new_tokens, []) == [5, 5, 5, 5]
+
+
+def test_stats_path_starts_each_run_with_its_id_and_resolved_config(
+    plugin_class: Any, checkpoint: Path, tmp_path: Path
+) -> None:
+    stats_path = tmp_path / "tokens.jsonl"
+    runs = []
+    for budget in (0.5, 0.25):  # two runs appending to one file
+        lm = plugin_class.create_from_arg_string(
+            f"pretrained={checkpoint},budget={budget},alpha=0.3,dtype=float32,stats_path={stats_path}",
+            {"batch_size": "2", "device": None},
+        )
+        lm.task_dict = {TASK: {SPLIT: docs()}}
+        lm.generate_until([request(i, {"max_new_tokens": 2}) for i in range(3)])
+        runs.append(lm)
+    assert runs[0].run_id != runs[1].run_id
+    lines = read_stats(stats_path)
+    assert [line["run_id"] for line in lines] == [runs[0].run_id] * 4 + [runs[1].run_id] * 4
+    for lm, (header, *requests) in zip(runs, (lines[:4], lines[4:])):
+        config = header["config"]
+        assert set(header) == {"run_id", "config"}
+        # the resolved settings: defaults filled in, not only what model_args said
+        assert config["pipeline"] == lm.pipe.to_dict()
+        assert config["pipeline"]["allocator"]["alpha"] == 0.3 and "overflow" in config["pipeline"]["allocator"]
+        assert config["pipeline"]["budget"] == lm.pipe.budget.to_config()
+        assert (config["model"], config["checkpoint_class"]) == ("tokenprune_llava_next", "LlavaNextForConditionalGeneration")
+        assert (config["pretrained"], config["dtype"], config["batch_size"]) == (str(checkpoint), "float32", 2)
+        assert sorted(r["doc_id"] for r in requests) == [0, 1, 2] and all("input_tokens" in r for r in requests)
+    assert runs[0].pipe.to_dict() != runs[1].pipe.to_dict()
+
+
+def test_lmms_eval_models_lists_the_plugin_models(tmp_path: Path) -> None:
+    """``lmms-eval models`` prints lmms-eval's built-in listing, which entry points do not
+    reach on their own; the entry point adds its models to it."""
+    site = write_fake_dist(tmp_path)
+    code = "import sys; from lmms_eval.cli.dispatch import main; sys.argv = ['lmms-eval', 'models']; main()"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines() if line.strip()}
+    assert rows.get("tokenprune_llava_next") == ["simple"] and rows.get("tokenprune_llava") == ["simple"], done.stdout
+
+
+def test_the_installed_filelock_is_one_lmms_eval_can_patch() -> None:
+    """lmms-eval (0.7.1 and later) patches ``filelock._api.FileLockMeta`` as every evaluation
+    starts; filelock 4 removed that module, and every evaluation then dies there while
+    lmms-eval exits 0. The ``lmms`` extra pins ``filelock<4``."""
+    api = importlib.import_module("filelock._api")
+    assert callable(api.FileLockMeta.__call__)

@@ -758,3 +758,91 @@ def test_importing_the_scorers_stays_lazy() -> None:
     )
     assert out.stdout.strip() == "[]"
     assert tokenprune.__version__
+
+
+# --------------------------------------------------------------------------- fast path: cache, batch
+
+
+def _count_calls(module: Any) -> tuple[list[int], Any]:
+    calls: list[int] = []
+    return calls, module.register_forward_hook(lambda m, i, o: calls.append(1))
+
+
+def test_repeated_prompt_hits_the_text_cache(hf_scorer: HFClipScorer, hf_clip: Any) -> None:
+    calls, handle = _count_calls(hf_clip.text_model)
+    try:
+        first = hf_scorer.embed_prompt("the red car")
+        again = hf_scorer.embed_prompt("the red car")
+        assert len(calls) == 1  # the second question cost no text forward
+        assert torch.equal(first, again)
+        other = hf_scorer.embed_prompt("a dog")
+        assert len(calls) == 2 and not torch.allclose(first, other)  # a different prompt misses
+        pixels = _pixels()
+        hf_scorer.score(pixels, "a dog", pixel_mean=MEAN, pixel_std=STD)
+        assert len(calls) == 2
+    finally:
+        handle.remove()
+    hf_scorer.forget_prompts()
+    torch.testing.assert_close(hf_scorer.embed_prompt("the red car"), first, atol=0, rtol=0)
+
+
+def test_text_cache_is_bounded_lru(hf_scorer: HFClipScorer, hf_clip: Any) -> None:
+    hf_scorer.text_cache_size = 2
+    for prompt in ("cat", "dog", "cat", "car"):  # "dog" is the least recently used
+        hf_scorer.embed_prompt(prompt)
+    calls, handle = _count_calls(hf_clip.text_model)
+    try:
+        hf_scorer.embed_prompts(["cat", "car"])
+        assert calls == []
+        hf_scorer.embed_prompt("dog")
+        assert len(calls) == 1
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("framework", ["hf", "open_clip"])
+def test_batched_prompts_equal_one_by_one(framework: str, hf_clip: Any, hf_tokenizer: Any) -> None:
+    def build() -> Any:
+        if framework == "hf":
+            return HFClipScorer(hf_clip, hf_tokenizer)
+        return OpenClipScorer(_tiny_open_clip(), open_clip.SimpleTokenizer())
+
+    prompts = ["a photo of the red car", "cat", "a photo of the red car", "the dog of a cat"]
+    together = build().embed_prompts(prompts)  # one forward, padded to the longest prompt
+    alone = build()
+    one_by_one = torch.stack([alone.embed_prompt(p) for p in prompts])
+    assert together.shape == (4, one_by_one.shape[1])
+    torch.testing.assert_close(together, one_by_one, atol=1e-6, rtol=0)
+
+
+def test_score_batch_equals_per_image_scores(hf_scorer: HFClipScorer, hf_clip: Any) -> None:
+    tower = _hf_tower_copy(hf_clip)
+    pixels = _pixels(5)
+    cls = _hf_raw_cls(tower, pixels)
+    counts, prompts = [3, 2], ["red car", "the cat"]
+    kwargs = {"pixel_mean": MEAN, "pixel_std": STD}
+    batch = hf_scorer.score_batch(pixels, prompts, counts, tower=tower, tower_cls=cls, **kwargs)
+    assert hf_scorer.last_path == REUSED_TOWER_CLS
+    start = 0
+    for scores, count, prompt in zip(batch, counts, prompts):
+        alone = hf_scorer.score(
+            pixels[start : start + count], prompt, tower=tower, tower_cls=cls[start : start + count], **kwargs
+        )
+        torch.testing.assert_close(scores, alone, atol=1e-6, rtol=0)
+        start += count
+    slow = hf_scorer.score_batch(pixels, prompts, counts, **kwargs)  # the scorer's own forward
+    torch.testing.assert_close(torch.cat(slow), torch.cat(batch), atol=1e-5, rtol=0)
+    with pytest.raises(ContractError, match="one prompt and one partition count per image"):
+        hf_scorer.score_batch(pixels, prompts, [3, 3], **kwargs)
+
+
+def test_weight_stamp_sees_a_replaced_parameter(hf_scorer: HFClipScorer, hf_clip: Any) -> None:
+    tower = _hf_tower_copy(hf_clip)
+    pixels = _pixels()
+    kwargs = {"pixel_mean": MEAN, "pixel_std": STD, "tower": tower, "tower_cls": _hf_raw_cls(tower, pixels)}
+    hf_scorer.score(pixels, "cat", **kwargs)
+    assert hf_scorer.last_path == REUSED_TOWER_CLS
+    fc1 = tower.encoder.layers[0].mlp.fc1
+    fc1.weight = torch.nn.Parameter(fc1.weight.detach() + 1e-3)  # a new tensor, not an in-place edit
+    hf_scorer.score(pixels, "cat", **kwargs)
+    assert hf_scorer.last_path == SCORER_FORWARD and "encoder.layers.0.mlp.fc1.weight" in (hf_scorer.last_reason or "")

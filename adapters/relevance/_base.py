@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar, Final, Literal
 
@@ -151,9 +152,14 @@ def _check_pixels(pixel_values: object) -> torch.Tensor:
         raise ContractError(
             f"pixel_values must be floating (processor-normalised), got {pixel_values.dtype}"
         )
-    if pixel_values.numel() and not bool(torch.isfinite(pixel_values).all()):
+    if _on_host(pixel_values) and not bool(torch.isfinite(pixel_values).all()):
         raise SignalError("pixel_values hold NaN/inf; pixels must be finite")
     return pixel_values
+
+
+def _on_host(tensor: torch.Tensor) -> bool:
+    """Value checks run only on CPU tensors: on an accelerator they would cost a host sync per call."""
+    return tensor.device.type == "cpu" and tensor.numel() > 0
 
 
 class RelevanceScorer(ABC):
@@ -225,6 +231,8 @@ class ClipRelevanceScorer(RelevanceScorer):
 
     #: Framework name for messages ("transformers", "open_clip").
     framework: ClassVar[str] = "unknown"
+    #: Text embeddings kept per scorer (LRU); a benchmark question set repeats prompts a lot.
+    text_cache_size: int = 1024
 
     def __init__(
         self,
@@ -259,6 +267,7 @@ class ClipRelevanceScorer(RelevanceScorer):
         self.last_path = None
         self.last_reason = None
         self._matches = TrunkMatchCache()
+        self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     # ------------------------------------------------------------------ framework hooks
 
@@ -273,12 +282,17 @@ class ClipRelevanceScorer(RelevanceScorer):
         """The scorer's image-encoder dtype."""
 
     @abstractmethod
+    def tokenize_batch(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token ids ``[K, T]`` of the prompts (truncated to :attr:`context_length`, padded
+        to one length) and their attention mask (``None`` when the text tower needs none)."""
+
     def tokenize(self, prompt: str) -> torch.Tensor:
         """Token ids ``[1, T]`` of the prompt, truncated to :attr:`context_length`."""
+        return self.tokenize_batch([prompt])[0]
 
     @abstractmethod
-    def _encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Projected text embedding ``[1, E]`` (not normalised)."""
+    def _encode_text(self, token_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Projected text embeddings ``[K, E]`` (not normalised)."""
 
     @abstractmethod
     def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -298,11 +312,45 @@ class ClipRelevanceScorer(RelevanceScorer):
 
     # ------------------------------------------------------------------ public API
 
-    @torch.no_grad()
     def embed_prompt(self, prompt: str) -> torch.Tensor:
-        """Unit-norm text embedding ``[E]`` float32 (long prompts are truncated, not rejected)."""
-        token_ids = self.tokenize(_check_prompt(prompt)).to(self.device)
-        return F.normalize(self._encode_text(token_ids).float(), dim=-1)[0]
+        """Unit-norm text embedding ``[E]`` float32 (long prompts are truncated, not rejected).
+
+        Cached per prompt (see :meth:`embed_prompts`): a question asked again costs nothing.
+        """
+        cached = self._text_cache.get(prompt)
+        if cached is not None:
+            self._text_cache.move_to_end(prompt)
+            return cached
+        return self.embed_prompts([prompt])[0]
+
+    @torch.no_grad()
+    def embed_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Unit-norm text embeddings ``[K, E]`` float32, one row per prompt, in order.
+
+        The prompts not yet cached are tokenized together and encoded in ONE text-tower
+        forward; every embedding is kept in a bounded LRU cache owned by this scorer (so
+        keyed by the scorer and the prompt text; :attr:`text_cache_size` entries, oldest
+        dropped first). After editing the text tower's weights call :meth:`forget_prompts`.
+        """
+        prompts = [_check_prompt(prompt) for prompt in prompts]
+        cache = self._text_cache
+        missing = list(dict.fromkeys(p for p in prompts if p not in cache))
+        if missing:
+            token_ids, mask = self.tokenize_batch(missing)
+            mask = None if mask is None else mask.to(self.device)
+            encoded = F.normalize(self._encode_text(token_ids.to(self.device), mask).float(), dim=-1)
+            for prompt, row in zip(missing, encoded):
+                cache[prompt] = row
+        for prompt in prompts:
+            cache.move_to_end(prompt)
+        rows = [cache[prompt] for prompt in prompts]
+        while len(cache) > max(self.text_cache_size, 0):
+            cache.popitem(last=False)
+        return rows[0][None] if len(rows) == 1 else torch.stack(rows)
+
+    def forget_prompts(self) -> None:
+        """Drop the cached text embeddings (needed only after editing the text tower)."""
+        self._text_cache.clear()
 
     @torch.no_grad()
     def embed_partitions(
@@ -383,43 +431,63 @@ class ClipRelevanceScorer(RelevanceScorer):
         tower: nn.Module | None = None,
         tower_cls: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        pixels = _check_pixels(pixel_values)
-        text = self.embed_prompt(prompt)
-        count = int(pixels.shape[0])
-        if tower_cls is not None:
-            if (
-                not isinstance(tower_cls, torch.Tensor)
-                or tower_cls.dim() != 2
-                or int(tower_cls.shape[0]) != count
-            ):
-                shape = (
-                    tuple(tower_cls.shape)
-                    if isinstance(tower_cls, torch.Tensor)
-                    else type(tower_cls).__name__
-                )
-                raise ContractError(
-                    f"tower_cls must be [P, D] with P = {count} partitions, got {shape}"
-                )
-            if not bool(torch.isfinite(tower_cls).all()):
-                raise SignalError(
-                    "tower_cls holds NaN/inf; the tower's CLS states must be finite"
-                )
-        path, reason = self.choose_path(
-            pixels,
+        return self.score_batch(
+            pixel_values,
+            [prompt],
+            [int(pixel_values.shape[0])] if isinstance(pixel_values, torch.Tensor) and pixel_values.dim() else [0],
             pixel_mean=pixel_mean,
             pixel_std=pixel_std,
             tower=tower,
             tower_cls=tower_cls,
+        )[0]
+
+    def score_batch(
+        self,
+        pixel_values: torch.Tensor,
+        prompts: Sequence[str],
+        counts: Sequence[int],
+        *,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        tower: nn.Module | None = None,
+        tower_cls: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """Raw cosines of a whole batch: one ``[P_i]`` float32 tensor per image.
+
+        ``pixel_values`` / ``tower_cls`` hold the partitions of every image, concatenated
+        (image ``i`` has ``counts[i]`` of them) and ``prompts[i]`` is image ``i``'s prompt.
+        One path decision, one text-tower forward for the prompts not cached yet, one image
+        embedding pass and one product for the batch; no host reads on an accelerator.
+        """
+        pixels = _check_pixels(pixel_values)
+        count = int(pixels.shape[0])
+        if len(prompts) != len(counts) or sum(counts) != count or any(c < 0 for c in counts):
+            raise ContractError(
+                f"score_batch needs one prompt and one partition count per image, counts summing to "
+                f"the {count} partitions of pixel_values; got {len(prompts)} prompts and counts {list(counts)}"
+            )
+        if tower_cls is not None:
+            if not isinstance(tower_cls, torch.Tensor) or tower_cls.dim() != 2 or int(tower_cls.shape[0]) != count:
+                shape = tuple(tower_cls.shape) if isinstance(tower_cls, torch.Tensor) else type(tower_cls).__name__
+                raise ContractError(f"tower_cls must be [P, D] with P = {count} partitions, got {shape}")
+            if _on_host(tower_cls) and not bool(torch.isfinite(tower_cls).all()):
+                raise SignalError("tower_cls holds NaN/inf; the tower's CLS states must be finite")
+        texts = self.embed_prompts(prompts)  # [K, E]
+        path, reason = self.choose_path(
+            pixels, pixel_mean=pixel_mean, pixel_std=pixel_std, tower=tower, tower_cls=tower_cls
         )
         if path == REUSED_TOWER_CLS:
             assert tower_cls is not None
             images = self.embed_tower_cls(tower_cls)
         else:
-            images = self.embed_partitions(
-                pixels, pixel_mean=pixel_mean, pixel_std=pixel_std
-            )
+            images = self.embed_partitions(pixels, pixel_mean=pixel_mean, pixel_std=pixel_std)
         self.last_path, self.last_reason = path, reason
-        return (images @ text).to(pixels.device)
+        if len(set(prompts)) == 1:
+            scores = images @ texts[0]
+        else:  # each partition against its own image's prompt
+            owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(list(counts), dtype=torch.long))
+            scores = (images * texts[owner.to(texts.device, non_blocking=True)]).sum(-1)
+        return list(scores.to(pixels.device).split(list(counts)))
 
     def choose_path(
         self,

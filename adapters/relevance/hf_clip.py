@@ -157,19 +157,21 @@ class HFClipScorer(ClipRelevanceScorer):
     def dtype(self) -> torch.dtype:
         return self.model.visual_projection.weight.dtype
 
-    def tokenize(self, prompt: str) -> torch.Tensor:
+    def tokenize_batch(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         encoded = self.tokenizer(
-            [prompt],
+            list(prompts),
             truncation=True,
             max_length=self.context_length,
+            padding=len(prompts) > 1,
             return_tensors="pt",
         )
-        return encoded["input_ids"]
+        ids = encoded["input_ids"]
+        return ids, encoded.get("attention_mask", torch.ones_like(ids))
 
-    def _encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
-        out = self.model.text_model(
-            input_ids=token_ids, attention_mask=torch.ones_like(token_ids)
-        )
+    def _encode_text(self, token_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(token_ids)
+        out = self.model.text_model(input_ids=token_ids, attention_mask=attention_mask)
         pooled = out.pooler_output if hasattr(out, "pooler_output") else out[1]
         return self.model.text_projection(pooled)
 

@@ -177,10 +177,11 @@ class OpenClipScorer(ClipRelevanceScorer):
     def dtype(self) -> torch.dtype:
         return next(self.model.visual.parameters()).dtype
 
-    def tokenize(self, prompt: str) -> torch.Tensor:
-        return self.tokenizer([prompt], context_length=self.context_length)
+    def tokenize_batch(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # open_clip pads every prompt to the context length and pools at the end token.
+        return self.tokenizer(list(prompts), context_length=self.context_length), None
 
-    def _encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
+    def _encode_text(self, token_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return self.model.encode_text(token_ids)
 
     def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ Nothing here imports transformers, timm or open_clip.
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from abc import abstractmethod
@@ -217,8 +218,32 @@ class TapRecord:
 # --------------------------------------------------------------------------- per-block maths
 
 
+@functools.lru_cache(maxsize=64)
+def _spread(heads: int, width: int, scale: float, per_head: bool, wide: bool, device: torch.device) -> torch.Tensor:
+    """``[H', H]``: ``scale`` on the diagonal (one row per head), then a row of ``width ** -0.5`` if ``wide``.
+
+    Cached per tower geometry and device, so a capture builds nothing on the device.
+    """
+    rows = []
+    if per_head:
+        rows.append(torch.eye(heads, dtype=torch.float32) * scale)
+    if wide:
+        rows.append(torch.full((1, heads), width**-0.5, dtype=torch.float32))
+    return torch.cat(rows).to(device)
+
+
 class _LayerAttention:
-    """Joins one block's CLS query and keys (in whichever order they arrive) into signals."""
+    """Joins one block's CLS query and keys (in whichever order they arrive) into signals.
+
+    Cheap by construction, because on a GPU the tower is close to launch-bound and every
+    extra kernel or host round trip in a hook stalls it: no host reads, no shape checks that
+    touch values, and the per-head rows and the wide row of a block come from ONE batched
+    matmul and ONE softmax. The query is spread into a block-diagonal ``[B, H', D]`` matrix
+    (one row per head, holding that head's query times its softmax scale, plus one row of the
+    whole query times ``width ** -0.5`` when the wide row is asked for), so its product with
+    the keys ``[B, D, L]`` is every head's logits at once, read straight from the keys the
+    tower produced (no transposed copy whether they come token-major or head-major).
+    """
 
     def __init__(
         self,
@@ -246,15 +271,16 @@ class _LayerAttention:
         return self.per_head or self.wide
 
     def on_query(self, query: torch.Tensor) -> None:
-        self._query = query.detach()
+        self._query = query.detach() if query.requires_grad else query
         self._maybe_compute()
 
     def on_key(self, key: torch.Tensor) -> None:
-        key = key.detach()
+        if key.requires_grad:
+            key = key.detach()
         if self.keys:
             batch, length, heads, head_dim = key.shape
-            patch = key[:, self.prefix :].reshape(batch, length - self.prefix, heads * head_dim)
-            self.record._add("keys", self.layer, patch.clone(memory_format=torch.contiguous_format))
+            # A view when the tower's keys are token-major (no copy); a copy when head-major.
+            self.record._add("keys", self.layer, key[:, self.prefix :].reshape(batch, length - self.prefix, heads * head_dim))
         if self.needs_query:
             self._key = key
             self._maybe_compute()
@@ -264,21 +290,28 @@ class _LayerAttention:
             return
         query, key = self._query, self._key
         self._query = self._key = None
-        if query.shape[0] != key.shape[0] or query.shape[1:] != key.shape[2:]:
+        batch, length, heads, head_dim = key.shape
+        if query.shape != (batch, heads, head_dim):
             raise ContractError(
                 f"tap of block {self.layer}: CLS query {tuple(query.shape)} does not fit keys "
                 f"{tuple(key.shape)} (expected [B, H, hd] and [B, L, H, hd])"
             )
+        width = heads * head_dim
         with torch.no_grad():
-            # float32 logits and softmax whatever the tower's dtype.
-            dots = torch.einsum("bhd,blhd->bhl", query.float(), key.float())
+            # float32 logits and softmax whatever the tower's dtype (.float() is free in float32).
+            spread = _spread(heads, width, self.head_scale, self.per_head, self.wide, key.device)  # [H', H]
+            query = query.float()
+            if not key.is_contiguous() and key.transpose(1, 2).is_contiguous():  # head-major (timm, open_clip)
+                dots = torch.matmul(query.unsqueeze(2), key.transpose(1, 2).float().transpose(2, 3))  # [B, H, 1, L]
+                logits = torch.matmul(spread, dots.squeeze(2))  # [B, H', L]
+            else:  # token-major keys (transformers, MultiheadAttention): one bmm over [B, D, L]
+                rows = (spread[:, :, None] * query.unsqueeze(1)).reshape(batch, -1, width)  # [B, H', D]
+                logits = torch.matmul(rows, key.reshape(batch, length, width).float().transpose(1, 2))
+            attention = torch.softmax(logits, dim=-1)[..., self.prefix :]  # [B, H', N]
             if self.per_head:
-                rows = torch.softmax(dots * self.head_scale, dim=-1)[..., self.prefix :]
-                self.record._add("cls_attention", self.layer, rows.contiguous())
+                self.record._add("cls_attention", self.layer, attention[:, :heads])
             if self.wide:
-                width = query.shape[1] * query.shape[2]
-                wide = torch.softmax(dots.sum(dim=1, keepdim=True) * width**-0.5, dim=-1)
-                self.record._add("wide_cls_attention", self.layer, wide[..., self.prefix :].contiguous())
+                self.record._add("wide_cls_attention", self.layer, attention[:, -1:])
 
 
 # --------------------------------------------------------------------------- the tap
@@ -424,10 +457,14 @@ class HookTap(AttentionTap):
         prefix = self.prefix_tokens
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            tokens = self._block_tokens(output).detach()
+            # Views of the block's output, as LLaVA slices its hidden states: no copy kernels.
+            # Every supported block returns a fresh tensor that nothing edits in place later.
+            tokens = self._block_tokens(output)
+            if tokens.requires_grad:
+                tokens = tokens.detach()
             if cls_embedding:
-                record._add("cls_embedding", layer, tokens[:, 0].clone(memory_format=torch.contiguous_format))
+                record._add("cls_embedding", layer, tokens[:, 0])
             if features:
-                record._add_features(tokens[:, prefix:].clone(memory_format=torch.contiguous_format))
+                record._add_features(tokens[:, prefix:])
 
         return hook

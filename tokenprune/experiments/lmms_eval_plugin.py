@@ -26,12 +26,20 @@ then knows two models::
   (``auto``, ``float16``, ``bfloat16``, ``float32``), ``batch_size`` (also lmms-eval's
   ``--batch_size``; ``model_args`` wins), ``max_new_tokens`` (used when a task's
   ``generation_kwargs`` do not set it; default 1024 like lmms-eval's ``llava_hf``),
-  ``chat_template`` (overrides the processor's), ``stats_path`` (a JSONL file that gets one
-  line of token counts per request).
+  ``chat_template`` (overrides the processor's), ``stats_path`` (a JSONL file that gets, per
+  run, one line with the run id and the resolved settings, then one line of token counts per
+  request).
 
 A bad name or option raises tokenprune's :class:`~tokenprune.ConfigError` (with "did you
 mean") before any weights are read. ``generate_until`` is supported; ``loglikelihood`` is
 not (it raises ``NotImplementedError``).
+
+Each answer goes back to lmms-eval as a ``GenerationResult`` whose token counts are the real
+ones: ``input_tokens`` is the prefill the LLM received (pruned image tokens included),
+``output_tokens`` what it generated. lmms-eval writes them into each logged sample's
+``token_counts`` and sums them in the results' ``efficiency`` and ``usage`` blocks. Every
+instance gets a run id (:attr:`_TokenprunePlugin.run_id`), found in the log, in each sample's
+``token_counts`` and in every ``stats_path`` line.
 
 lmms-eval is imported at module level here; nothing in tokenprune imports this module
 eagerly. It must not import ``lmms_eval.models`` at module level: that package loads the
@@ -41,24 +49,31 @@ entry points while it initialises, and would find this module half-imported.
 from __future__ import annotations
 
 import ast
-import difflib
 import json
 import os
 import re
+import sys
+import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from lmms_eval.api.instance import Instance
+from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from loguru import logger
 
-from tokenprune.errors import ConfigError, IncompatibleError
+from tokenprune.adapter import VLMAdapter
+from tokenprune.errors import ConfigError, IncompatibleError, close_matches
+from tokenprune.overrides import apply_overrides
 from tokenprune.pipeline import Pipeline
+from tokenprune.runtime import chat_prompt, default_device, load_model, parse_dtype, rank_from_env
 
 __all__ = [
     "MODEL_NAMES",
+    "PrunedTokenCounts",
     "TokenpruneLlava",
     "TokenpruneLlavaNext",
     "lmms_eval_models",
@@ -71,20 +86,8 @@ MODEL_NAMES: dict[str, str] = {
     "tokenprune_llava_next": "TokenpruneLlavaNext",
     "tokenprune_llava": "TokenpruneLlava",
 }
-# The plugin model to use for each adapter that tokenprune.run.load_model detects.
+# The plugin model to use for each adapter that tokenprune.runtime.load_model detects.
 _MODEL_FOR_ADAPTER = {"llava_next": "tokenprune_llava_next", "llava": "tokenprune_llava"}
-_PARTS = ("adapter", "allocator", "selector")
-_DTYPES: dict[str, torch.dtype | None] = {
-    "auto": None,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-}
 # generation_kwargs keys of lmms-eval tasks that the plugin reads; others are ignored (logged once).
 _GEN_KEYS = ("until", "max_new_tokens", "temperature", "do_sample", "top_p", "num_beams")
 _INT = re.compile(r"[+-]?\d+")
@@ -96,13 +99,39 @@ def lmms_eval_models() -> list[Any]:
 
     lmms-eval calls a callable entry point and registers the ``ModelManifest`` objects it
     returns (pointing at a model class directly would make lmms-eval call the class).
+
+    ``lmms-eval models`` (and the wizard) list the names in ``lmms_eval.models``'
+    ``AVAILABLE_SIMPLE_MODELS`` only, not the registry: the names go there too, with their
+    full class paths, as lmms-eval's own (older) plugin mechanism adds its models.
     """
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return [
-        ModelManifest(model_id=name, simple_class_path=f"{__name__}.{class_name}")
-        for name, class_name in MODEL_NAMES.items()
-    ]
+    class_paths = {name: f"{__name__}.{class_name}" for name, class_name in MODEL_NAMES.items()}
+    listing = getattr(sys.modules.get("lmms_eval.models"), "AVAILABLE_SIMPLE_MODELS", None)
+    if isinstance(listing, dict):  # it is: lmms_eval.models calls this while it initialises
+        for name, path in class_paths.items():
+            listing.setdefault(name, path)
+    return [ModelManifest(model_id=name, simple_class_path=path) for name, path in class_paths.items()]
+
+
+@dataclass
+class PrunedTokenCounts(TokenCounts):
+    """lmms-eval's per-request token counts, plus what pruning did to the images.
+
+    ``input_tokens`` is the prefill the LLM received (text plus the pruned image tokens,
+    padding excluded); ``output_tokens`` the tokens it generated, up to and including the
+    first end-of-sequence token (the answer is cut at ``until`` strings later, in text).
+    ``image_tokens`` and ``stock_image_tokens`` sum the request's images: what the LLM got
+    and what the unpruned model would have fed it. ``run_id`` names the plugin instance.
+    """
+
+    image_tokens: int | None = None
+    stock_image_tokens: int | None = None
+    run_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        extra = {"image_tokens": self.image_tokens, "stock_image_tokens": self.stock_image_tokens, "run_id": self.run_id}
+        return {**super().to_dict(), **{key: value for key, value in extra.items() if value is not None}}
 
 
 # ---------------------------------------------------------------------- model_args parsing
@@ -175,34 +204,6 @@ def parse_model_args(arg_string: str) -> dict[str, Any]:
     return args
 
 
-def _split_options(options: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """``part.name`` keys per part, and the bare keys (routed by Pipeline)."""
-    per_part: dict[str, dict[str, Any]] = {part: {} for part in _PARTS}
-    bare: dict[str, Any] = {}
-    for key, value in options.items():
-        part, dot, name = key.partition(".")
-        if not dot:
-            bare[key] = value
-            continue
-        if part not in per_part or not name:
-            close = difflib.get_close_matches(part, _PARTS, n=1, cutoff=0.5)
-            hint = f" Did you mean {close[0] + '.' + name!r}?" if close and name else ""
-            raise ConfigError(
-                f"model_args key {key!r}: options are written allocator.NAME, selector.NAME or "
-                f"adapter.NAME.{hint}"
-            )
-        per_part[part][name] = value
-    return per_part, bare
-
-
-def _dtype(value: Any) -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    if isinstance(value, str) and value.strip().lower() in _DTYPES:
-        return _DTYPES[value.strip().lower()]
-    raise ConfigError(f"dtype={value!r} is not understood; use auto, float16, bfloat16 or float32")
-
-
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, str) and _INT.fullmatch(value.strip()):
         value = int(value)
@@ -211,12 +212,6 @@ def _positive_int(name: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{name}={value!r} must be an int >= 1")
     return value
-
-
-def _default_device() -> str:
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return "cpu"
 
 
 def _cut_at_stops(text: str, stops: Sequence[str]) -> str:
@@ -233,6 +228,36 @@ def _stop_strings(until: Any) -> list[str]:
     if isinstance(until, (list, tuple)) and all(isinstance(s, str) for s in until):
         return list(until)
     raise ConfigError(f"generation_kwargs['until'] must be a string or a list of strings, got {until!r}")
+
+
+def _new_run_id() -> str:
+    """``20261204T181745Z-3f9a1c2b``: sortable by start time, unique across processes."""
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+
+
+def _generated_counts(new_tokens: torch.Tensor, eos_token_ids: Sequence[int]) -> list[int]:
+    """Per row, the tokens generated up to and including the first end-of-sequence token.
+
+    Rows that finish early are padded by ``generate``; the padding is not counted.
+    """
+    rows, width = new_tokens.shape
+    if not eos_token_ids or width == 0:
+        return [width] * rows
+    is_eos = torch.isin(new_tokens, torch.tensor(list(eos_token_ids), device=new_tokens.device))
+    first = is_eos.int().argmax(dim=1) + 1  # argmax gives the first maximum
+    return torch.where(is_eos.any(dim=1), first, torch.full_like(first, width)).tolist()
+
+
+def _token_counts(record: Mapping[str, Any]) -> PrunedTokenCounts:
+    """lmms-eval's token counts of one request, from its stats record."""
+    images = record["images"]
+    return PrunedTokenCounts(
+        input_tokens=record["input_tokens"],
+        output_tokens=record["output_tokens"],
+        image_tokens=sum(image["image_tokens"] for image in images),
+        stock_image_tokens=sum(image["stock_image_tokens"] for image in images),
+        run_id=record["run_id"],
+    )
 
 
 # ---------------------------------------------------------------------- the model classes
@@ -270,56 +295,52 @@ class _TokenprunePlugin(lmms):
             raise ConfigError(f"{self.model_name}: model_args needs pretrained=PATH (a local checkpoint folder)")
         self.batch_size_per_device = _positive_int("batch_size", batch_size)
         self.max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
-        torch_dtype = _dtype(dtype)
-        per_part, bare = _split_options(options)
+        torch_dtype = parse_dtype(dtype)
+        bare = [key for key in options if "." not in key]
         adapter_name = adapter if adapter is not None else self.default_adapter
-        try:
-            self.pipe = Pipeline(
-                adapter=adapter_name,
-                allocator=allocator,
-                selector=selector,
-                budget=budget,
-                adapter_options=per_part["adapter"],
-                allocator_options=per_part["allocator"],
-                selector_options=per_part["selector"],
-                **bare,
-            )
+        parts = {"adapter": adapter_name, "allocator": allocator, "selector": selector, "budget": budget}
+        try:  # the one override grammar, shared with Pipeline.from_dict and sweep grids
+            self.pipe = Pipeline.from_dict(apply_overrides(parts, options))
         except ConfigError as error:
             hints = [
                 f"{close[0]!r} for {key!r}"
                 for key in bare
-                if (close := difflib.get_close_matches(key, _OWN_ARGS, n=1, cutoff=0.75))
+                if (close := close_matches(key, _OWN_ARGS, n=1, cutoff=0.75))
             ]
             if not hints:
                 raise
             raise ConfigError(
                 f"{error} Did you mean {', '.join(hints)} (a model_args key of {self.model_name})?"
             ) from error
+        if not isinstance(self.pipe.adapter, VLMAdapter):
+            raise ConfigError(
+                f"{self.model_name} needs a VLM adapter (llava_next, llava, sharegpt4v); got "
+                f"{self.pipe.part_label('adapter')}"
+            )
         self.chat_template = chat_template
+        self.pretrained = str(pretrained)
+        #: Names this instance's answers: in the log, every sample's token counts and every stats line.
+        self.run_id = _new_run_id()
         self.stats: list[dict[str, Any]] = []
-        self._rank = int(os.environ.get("RANK", "0"))
-        self._world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self._rank, self._world_size = rank_from_env()
         self.stats_path = self._rank_path(stats_path)
         try:
-            self._device = torch.device(device or _default_device())
+            self._device = torch.device(device or default_device())
         except (RuntimeError, TypeError):
             raise ConfigError(f"device={device!r} is not a torch device; use cuda, cuda:1, cpu ...") from None
         self._ignored_gen_keys: set[str] = set()
-
-        from tokenprune.run import load_model
 
         self._model, self._processor, detected = load_model(
             Path(str(pretrained)).expanduser(), device=str(self._device), dtype=torch_dtype
         )
         self._check_model(detected)
-        logger.info(f"{self.model_name}: {pretrained}\n{self.pipe.describe()}")
+        logger.info(f"{self.model_name} run {self.run_id}: {pretrained}\n{self.pipe.describe()}")
+        self._write_stats([{"run_id": self.run_id, "config": self.run_config()}])
 
     def _check_model(self, detected: str) -> None:
-        check = getattr(self.pipe.adapter, "check_model", None)
-        if check is None:
-            return
+        assert isinstance(self.pipe.adapter, VLMAdapter)  # checked before the model loaded
         try:
-            check(self._model, self._processor)
+            self.pipe.adapter.check_model(self._model, self._processor)
         except IncompatibleError as error:
             other = _MODEL_FOR_ADAPTER.get(detected)
             if other is None or other == self.model_name:
@@ -336,6 +357,26 @@ class _TokenprunePlugin(lmms):
         if self._world_size > 1:  # one file per rank: ranks never write the same file
             target = target.with_name(f"{target.stem}.rank{self._rank}{target.suffix}")
         return target
+
+    def run_config(self) -> dict[str, Any]:
+        """The resolved settings of this run: what ``stats_path`` records first, per run."""
+        from tokenprune import __version__
+
+        return {
+            "model": self.model_name,
+            "pretrained": self.pretrained,
+            "checkpoint_class": type(self._model).__name__,
+            "pipeline": self.pipe.to_dict(),
+            "dtype": str(self._model.dtype).removeprefix("torch."),
+            "device": str(self._device),
+            "batch_size": self.batch_size_per_device,
+            "max_new_tokens": self.max_new_tokens,
+            "chat_template": self.chat_template,
+            "rank": self._rank,
+            "world_size": self._world_size,
+            "tokenprune_version": __version__,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
 
     @classmethod
     def create_from_arg_string(
@@ -383,24 +424,35 @@ class _TokenprunePlugin(lmms):
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         raise NotImplementedError(f"{self.model_name} does not support multi-round generation")
 
-    def generate_until(self, requests: list[Instance]) -> list[str]:
-        """Answers in request order; batches group requests with equal ``generation_kwargs``.
+    def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
+        """Answers in request order, each with its :class:`PrunedTokenCounts`.
 
-        Within a group, longer contexts go first (lmms-eval's usual order: the worst padding
-        and any out-of-memory error come at once). Each request's image token counts are
-        appended to :attr:`stats` in request order, and to ``stats_path`` after each batch
-        (in batch order; every line names its task, split and doc_id).
+        Batches group requests with equal ``generation_kwargs``; within a group, longer
+        contexts go first (lmms-eval's usual order: the worst padding and any out-of-memory
+        error come at once). Each request's token counts are appended to :attr:`stats` in
+        request order, to ``stats_path`` after each batch (in batch order; every line names
+        its run, task, split and doc_id), and to lmms-eval's usage tally.
         """
+        # not at module level: lmms_eval.models loads this module while it initialises
+        from lmms_eval.models.model_utils.usage_metrics import log_usage
+
         from tokenprune.experiments.progress import progress
 
-        answers: list[str | None] = [None] * len(requests)
+        answers: list[GenerationResult | None] = [None] * len(requests)
         records: list[dict[str, Any] | None] = [None] * len(requests)
         batches = list(self._batches([request.args for request in requests]))
         for batch in progress(batches, description=f"{self.model_name} responding", unit="batch", rank=self._rank):
             chunk = [requests[i].args for i in batch]
             chunk_answers, chunk_records = self._answer(chunk)
             for index, answer, record in zip(batch, chunk_answers, chunk_records):
-                answers[index], records[index] = answer, record
+                answers[index] = GenerationResult(text=answer, token_counts=_token_counts(record))
+                records[index] = record
+                log_usage(
+                    self.model_name,
+                    task_name=record["task"],
+                    input_tokens=record["input_tokens"],
+                    output_tokens=record["output_tokens"],
+                )
             self._write_stats(chunk_records)
         self.stats.extend(r for r in records if r is not None)
         summary = self.token_summary()
@@ -410,7 +462,7 @@ class _TokenprunePlugin(lmms):
                 f"tokens to the LLM instead of {summary['stock_image_tokens']} "
                 f"({100 * summary['kept_ratio']:.1f}%)"
             )
-        return [a if a is not None else "" for a in answers]
+        return [a if a is not None else GenerationResult(text="") for a in answers]
 
     def _write_stats(self, records: Sequence[dict[str, Any]]) -> None:
         """Append records to ``stats_path`` batch by batch, so a crash loses none."""
@@ -455,22 +507,7 @@ class _TokenprunePlugin(lmms):
 
     def _prompt(self, context: str, images: int) -> str:
         """The chat-formatted prompt with one image placeholder per image."""
-        token = self._processor.image_token
-        inline = context.count(token)
-        if inline and inline != images:
-            raise ConfigError(
-                f"the context holds {inline} image token(s) {token!r} but the document has {images} image(s)"
-            )
-        content: list[dict[str, str]] = [] if inline else [{"type": "image"}] * images
-        content.append({"type": "text", "text": context})
-        template = self.chat_template or getattr(self._processor, "chat_template", None)
-        if template:
-            messages = [{"role": "user", "content": content}]
-            return self._processor.apply_chat_template(
-                messages, chat_template=template, add_generation_prompt=True, tokenize=False
-            )
-        prefix = "" if inline else f"{token}\n" * images
-        return f"USER: {prefix}{context} ASSISTANT:"
+        return chat_prompt(self._processor, context, images=images, chat_template=self.chat_template)
 
     def _generate_kwargs(self, gen_kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """lmms-eval ``generation_kwargs`` as ``model.generate`` kwargs.
@@ -507,6 +544,8 @@ class _TokenprunePlugin(lmms):
         visuals = [self._visuals(arg) for arg in chunk]
         prompts = [self._prompt(arg[0], len(images)) for arg, images in zip(chunk, visuals)]
         answers: list[str] = [""] * len(chunk)
+        input_tokens: list[int] = [0] * len(chunk)
+        output_tokens: list[int] = [0] * len(chunk)
         image_stats: list[list[dict[str, Any]]] = [[] for _ in chunk]
         with_images = [i for i, images in enumerate(visuals) if images]
         text_only = [i for i, images in enumerate(visuals) if not images]
@@ -521,27 +560,48 @@ class _TokenprunePlugin(lmms):
             stats = iter(self.pipe.last_stats)
             for i in with_images:
                 image_stats[i] = [next(stats).as_dict() for _ in visuals[i]]
-            for i, text in zip(with_images, self._generate(inputs, generate_kwargs)):
-                answers[i] = text
+            for i, generated in zip(with_images, self._generate(inputs, generate_kwargs)):
+                answers[i], input_tokens[i], output_tokens[i] = generated
         if text_only:
             tokenized = self.tokenizer(
                 [prompts[i] for i in text_only], return_tensors="pt", padding=True, padding_side="left"
             )
             inputs = {key: value.to(self._device) for key, value in tokenized.items()}
-            for i, text in zip(text_only, self._generate(inputs, generate_kwargs)):
-                answers[i] = text
+            for i, generated in zip(text_only, self._generate(inputs, generate_kwargs)):
+                answers[i], input_tokens[i], output_tokens[i] = generated
         answers = [_cut_at_stops(text, stops) for text in answers]
         records = [
-            {"task": arg[4], "split": arg[5], "doc_id": arg[3], "images": stats}
-            for arg, stats in zip(chunk, image_stats)
+            {
+                "run_id": self.run_id,
+                "task": arg[4],
+                "split": arg[5],
+                "doc_id": arg[3],
+                "input_tokens": prefill,
+                "output_tokens": generated,
+                "images": stats,
+            }
+            for arg, prefill, generated, stats in zip(chunk, input_tokens, output_tokens, image_stats)
         ]
         return answers, records
 
-    def _generate(self, inputs: Mapping[str, Any], generate_kwargs: Mapping[str, Any]) -> list[str]:
+    def _generate(self, inputs: Mapping[str, Any], generate_kwargs: Mapping[str, Any]) -> list[tuple[str, int, int]]:
+        """Per row: the decoded answer, the prefill length (padding excluded) and the generated count."""
         with torch.inference_mode():
             output = self._model.generate(**inputs, **generate_kwargs)
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        prefill = inputs["attention_mask"].sum(dim=1).tolist()
+        generated = _generated_counts(new_tokens, self._eos_token_ids())
+        return list(zip(texts, prefill, generated))
+
+    def _eos_token_ids(self) -> list[int]:
+        """The ids ``generate`` stops at (the generation config's, else the tokenizer's)."""
+        eos = getattr(self._model.generation_config, "eos_token_id", None)
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        if eos is None:
+            return []
+        return [eos] if isinstance(eos, int) else list(eos)
 
     # ------------------------------------------------------------------ reporting
     def token_summary(self) -> dict[str, Any]:
@@ -550,7 +610,8 @@ class _TokenprunePlugin(lmms):
         ``image_tokens`` went to the LLM; ``stock_image_tokens`` is what the unpruned model
         would have fed it (LLaVA-NeXT's unpadding and newlines included); ``full_tokens`` is
         the sum of ``P * N``, the count a fractional budget is a share of. ``kept_ratio`` is
-        ``image_tokens / stock_image_tokens``.
+        ``image_tokens / stock_image_tokens``. ``input_tokens`` and ``output_tokens`` add up
+        the requests' prefills and generated tokens.
         """
         images = [image for record in self.stats for image in record["images"]]
         kept = sum(image["image_tokens"] for image in images)
@@ -562,6 +623,8 @@ class _TokenprunePlugin(lmms):
             "stock_image_tokens": stock,
             "full_tokens": sum(image["full_tokens"] for image in images),
             "kept_ratio": kept / stock if stock else 0.0,
+            "input_tokens": sum(record["input_tokens"] for record in self.stats),
+            "output_tokens": sum(record["output_tokens"] for record in self.stats),
         }
 
 
