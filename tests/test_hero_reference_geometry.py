@@ -12,6 +12,8 @@ import tokenprune as tp
 from tokenprune.adapters.llava_next_partitioner import LlavaNextPartitioner
 from tokenprune.tiny import tiny_llava_next
 
+pytestmark = pytest.mark.compat  # also run against every supported transformers (make test-compat)
+
 # LLaVA-NeXT (CLIP ViT-L/14-336): 24 x 24 tokens per crop, the released pinpoints.
 PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
