@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.tokenprune-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-long bench clean
+.PHONY: setup demo test test-long test-compat bench clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The compat-marked tests against every transformers version in .ci/compat-versions, each in
+# a venv cached under ~/.cache/tokenprune-compat (TOKENPRUNE_COMPAT_CACHE) that borrows torch
+# and the rest from $(VENV). COMPAT_VERSIONS="5.0.0 5.25.0" picks some.
+test-compat: $(STAMP)
+	.ci/compat $(COMPAT_VERSIONS)
 
 test-long: $(STAMP)
 	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest -q $(PYTEST_ARGS)

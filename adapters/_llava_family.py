@@ -6,8 +6,9 @@ Two ways in:
 * :meth:`LlavaFamilyAdapter.prepare` (``Pipeline.prepare``): runs the image processor, the
   vision tower once with the attention tap, the allocator and the selector, projects the
   kept features, and returns kwargs for ``model.generate``: ``input_ids`` with exactly
-  ``K`` image placeholders per image, ``attention_mask`` and ``mm_encoder_outputs`` (the
-  projected image embeddings transformers 5 accepts instead of pixels).
+  ``K`` image placeholders per image, ``attention_mask`` and the projected image
+  embeddings, as ``mm_encoder_outputs`` or ``inputs_embeds``, whichever the installed
+  transformers' ``generate`` accepts (``._generate_inputs``).
 * :meth:`LlavaFamilyAdapter.attach` (``Pipeline.attach``): for code that calls the
   processor and ``generate`` itself. Per-instance, signature-preserving wrappers make the
   processor emit ``K`` placeholders and the model's ``get_image_features`` return the
@@ -36,6 +37,8 @@ from tokenprune.adapter import ImageTokens, OrderedTokens, VLMAdapter
 from tokenprune.contracts import BudgetAllocator, Layout, Selector, Signals
 from tokenprune.errors import ConfigError, IncompatibleError, TokenpruneError
 from tokenprune.tower import prune_batch
+
+from ._generate_inputs import generate_inputs, image_features_output, processor_count_hooks, prompt_hook
 
 if TYPE_CHECKING:
     from tokenprune.pipeline import Pipeline
@@ -367,7 +370,7 @@ class LlavaFamilyAdapter(VLMAdapter):
         self, model: Any, processor: Any, texts: list[str], images: Sequence[ImageTokens], **tokenizer_kwargs: Any
     ) -> dict[str, Any]:
         """``input_ids`` with ``K`` image placeholders per image (left padding) and the
-        projected embeddings as ``mm_encoder_outputs`` (transformers 5)."""
+        projected embeddings (``mm_encoder_outputs`` or ``inputs_embeds``: ``._generate_inputs``)."""
         image_token = processor.image_token
         counts = [t.count(image_token) for t in texts]
         expanded = _expand_placeholders(processor, texts, [image_token * image.embeddings.shape[0] for image in images])
@@ -390,15 +393,7 @@ class LlavaFamilyAdapter(VLMAdapter):
                 f"the tokenizer produced {placeholders.tolist()} image placeholders per text, expected "
                 f"{expected.tolist()}: the image token {image_token!r} must be a single special token"
             )
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        device = next(model.parameters()).device
-        embeddings = tuple(image.embeddings.to(device) for image in images)
-        return {
-            "input_ids": input_ids.to(device),
-            "attention_mask": attention_mask.to(device),
-            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=embeddings)},
-        }
+        return generate_inputs(model, input_ids, attention_mask, [image.embeddings for image in images])
 
     # ------------------------------------------------------------------ attach
     @contextmanager
@@ -411,34 +406,23 @@ class LlavaFamilyAdapter(VLMAdapter):
         adapter = self
         recent_prompts: list[str] = []
 
-        original_replace = processor.replace_image_token
+        def image_tokens(size: Any) -> int:
+            layout, geometry = adapter._layout_for_size(model, processor, {}, 0, size)
+            return adapter.fixed_image_tokens(pipeline, layout, geometry)
 
-        @functools.wraps(original_replace)
-        def replace_image_token(image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
-            sizes = image_inputs.get("image_sizes")
-            size = None if sizes is None else sizes[image_idx]
-            layout, geometry = adapter._layout_for_size(model, processor, image_inputs, image_idx, size)
-            return processor.image_token * adapter.fixed_image_tokens(pipeline, layout, geometry)
-
-        original_texts = processor.get_text_with_replacements
-
-        @functools.wraps(original_texts)
-        def get_text_with_replacements(text: list[str], *args: Any, **kwargs: Any) -> Any:
-            # remember the prompts, in image order, for strategies that read prompt relevance
+        def remember_prompts(text: list[str]) -> None:
+            # the prompts, in image order, for strategies that read prompt relevance
             recent_prompts[:] = [
                 _strip_image_tokens(t, processor.image_token)
                 for t in text
                 for _ in range(t.count(processor.image_token))
             ]
-            return original_texts(text, *args, **kwargs)
 
         original_features = base.get_image_features
         signature = inspect.signature(original_features)
 
         @functools.wraps(original_features)
         def get_image_features(pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            from transformers.modeling_outputs import BaseModelOutputWithPooling
-
             bound = signature.bind_partial(pixel_values, *args, **kwargs).arguments
             for name in ("vision_feature_layer", "vision_feature_select_strategy"):
                 wanted = bound.get(name)
@@ -453,13 +437,11 @@ class LlavaFamilyAdapter(VLMAdapter):
             prompts = recent_prompts if len(recent_prompts) == count else [None] * count
             pruned = adapter.prune_pixels(pipeline, model, processor, pixel_values, image_sizes, prompts)
             pipeline.record_images(pruned)
-            return BaseModelOutputWithPooling(pooler_output=tuple(p.embeddings for p in pruned))
+            return image_features_output(original_features, [p.embeddings for p in pruned])
 
-        wrappers = {
-            (processor, "replace_image_token"): replace_image_token,
-            (processor, "get_text_with_replacements"): get_text_with_replacements,
-            (base, "get_image_features"): get_image_features,
-        }
+        processor_hooks = {**processor_count_hooks(processor, image_tokens), **prompt_hook(processor, remember_prompts)}
+        wrappers = {(processor, name): hook for name, hook in processor_hooks.items()}
+        wrappers[(base, "get_image_features")] = get_image_features
         with wrapped(wrappers, processor, base):
             yield
 

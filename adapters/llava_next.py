@@ -12,7 +12,12 @@ Newline tokens (``newline``):
 * ``"none"`` (default): no newline tokens; the budget counts every image token the LLM sees.
 * ``"row"``: one ``image_newline`` after each canvas row that keeps at least one token,
   counted and reported separately (``newline_tokens``), not charged to the budget. At
-  budget 1.0 this is exactly the stock model's input.
+  budget 1.0 this is exactly the stock model's input, for every image size: like the
+  stock model, a zero-width unpadded canvas (very thin images) still gets one newline per
+  row of its window.
+* ``"canvas"``: the released HERO code's policy: one newline per row of the whole stitched
+  canvas, padding rows and fully dropped rows included (with ``geometry="reference"``,
+  what ``hero@reference`` needs to reproduce that code's LLM input).
 """
 
 from __future__ import annotations
@@ -44,20 +49,26 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
             token; ``"row"`` at budget 1.0 reproduces the stock model's input exactly).
         relevance_scorer: CLIP scorer for strategies that read prompt relevance
             (``'hf:/path'``, ``'open_clip:NAME:/path'`` or a RelevanceScorer).
+        geometry: ``"hf"`` (default): tiles' valid tokens are what the model's unpadding
+            keeps; ``"reference"``: the released HERO code's valid region (``int()`` of the
+            scaled size, no extra row/column on an odd padding); see docs/strategies.md.
+        newline ``"canvas"``: the released HERO code's policy, one newline per canvas row,
+            padding and fully dropped rows included.
     """
 
-    newline: Literal["none", "row"] = "none"
+    newline: Literal["none", "row", "canvas"] = "none"
     relevance_scorer: Any = None
+    geometry: Literal["hf", "reference"] = "hf"
 
     model_classes = ("LlavaNextForConditionalGeneration",)
     processor_classes = ("LlavaNextProcessor",)
 
     def check_model(self, model: Any, processor: Any = None) -> None:
         super().check_model(model, processor)
-        LlavaNextPartitioner.from_model(model, processor)  # raises when they disagree
+        self.partitioner(model, processor)  # raises when they disagree
 
     def partitioner(self, model: Any, processor: Any = None) -> LlavaNextPartitioner:
-        return LlavaNextPartitioner.from_model(model, processor)
+        return LlavaNextPartitioner.from_model(model, processor, unpad_rule=self.geometry)
 
     def _image_inputs(self, processor: Any, images: list[Any]) -> dict[str, Any]:
         try:
@@ -71,7 +82,7 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
     ) -> tuple[list[torch.Tensor], list[Layout], list[Any]]:
         if image_sizes is None:
             raise ConfigError("LLaVA-NeXT needs image_sizes (the processor returns them with pixel_values)")
-        partitioner = LlavaNextPartitioner.from_model(model)
+        partitioner = self.partitioner(model)
         sizes = [tuple(int(v) for v in size) for size in torch.as_tensor(image_sizes).tolist()]
         geometries = [partitioner.geometry(size) for size in sizes]
         counts = [g.num_crops for g in geometries]
@@ -114,6 +125,12 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
             last_of_row = torch.ones_like(rows, dtype=torch.bool)
             last_of_row[:-1] = rows[1:] != rows[:-1]
             newline_after = torch.nonzero(last_of_row).flatten() + thumbnail.shape[0]
+        elif self.newline == "row":  # a zero-width unpadded canvas: the stock model still closes its rows
+            newline_after = torch.full((geometry.newline_only_rows,), thumbnail.shape[0] - 1, dtype=torch.int64)
+        if self.newline == "canvas":  # after the last kept token of each canvas row, empty rows included
+            width, height = geometry.canvas_shape[1], geometry.canvas_shape[0]
+            per_row = torch.bincount(positions // width, minlength=height) if positions.numel() else torch.zeros(height, dtype=torch.int64)
+            newline_after = per_row.cumsum(0) - 1 + thumbnail.shape[0]
         return OrderedTokens(tokens, newline_after)
 
     def _newline_embedding(self, model: Any) -> torch.Tensor | None:
@@ -128,5 +145,5 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
         if size is None:
             raise ConfigError("the LLaVA-NeXT processor returned no image_sizes")
         size = tuple(int(v) for v in (size.tolist() if hasattr(size, "tolist") else size))
-        partitioner = LlavaNextPartitioner.from_model(model)
+        partitioner = self.partitioner(model)
         return partitioner.layout(size), partitioner.geometry(size)

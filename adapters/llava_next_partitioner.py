@@ -101,19 +101,34 @@ def resized_size(image_size: tuple[int, int], target: tuple[int, int]) -> tuple[
 
 
 def unpad_window(
-    image_size: tuple[int, int], canvas_shape: tuple[int, int]
+    image_size: tuple[int, int], canvas_shape: tuple[int, int], rule: str = "hf"
 ) -> tuple[int, int, int, int]:
-    """Token rows ``[top, bottom)`` and columns ``[left, right)`` that the model's
-    ``unpad_image`` keeps of a ``canvas_shape`` token canvas (HF's rounding, exactly)."""
+    """Token rows ``[top, bottom)`` and columns ``[left, right)`` of a ``canvas_shape`` token
+    canvas that hold the image.
+
+    ``rule="hf"``: what the model's ``unpad_image`` keeps (HF's rounding, exactly): the
+    scaled side ``int(round(x, 7))``, ``padding = (canvas - scaled) // 2`` cut from *both*
+    ends, so an odd difference keeps one row/column more than the scaled side.
+    ``rule="reference"``: the valid region of the released HERO code, after the original
+    LLaVA repository: the scaled side ``int(x)``, starting at the same ``padding`` and
+    exactly ``scaled`` long.
+    """
     height, width = image_size
     canvas_height, canvas_width = canvas_shape
-    if width / height > canvas_width / canvas_height:
-        new_height = int(round(height * (canvas_width / width), 7))
-        padding = (canvas_height - new_height) // 2
-        return padding, canvas_height - padding, 0, canvas_width
-    new_width = int(round(width * (canvas_height / height), 7))
-    padding = (canvas_width - new_width) // 2
-    return 0, canvas_height, padding, canvas_width - padding
+    wide = width / height > canvas_width / canvas_height
+    scaled = height * (canvas_width / width) if wide else width * (canvas_height / height)
+    length = canvas_height if wide else canvas_width
+    if rule == "hf":
+        new = int(round(scaled, 7))
+        padding = (length - new) // 2
+        start, stop = padding, length - padding
+    elif rule == "reference":
+        new = int(scaled)
+        start = (length - new) // 2
+        stop = start + new
+    else:
+        raise ConfigError(f"unpad rule must be 'hf' or 'reference', got {rule!r}")
+    return (start, stop, 0, canvas_width) if wide else (0, canvas_height, start, stop)
 
 
 def tile_canvas_index(rows: int, cols: int, tokens_per_side: int) -> torch.Tensor:
@@ -190,6 +205,15 @@ class AnyresGeometry:
         top, bottom, left, right = self.window
         return bottom - top, right - left
 
+    @property
+    def newline_only_rows(self) -> int:
+        """Newlines the model emits with no canvas token beside them: when the unpadded
+        window is rows tall but zero columns wide (images of aspect 1:12 and thinner on
+        some grids), ``pack_image_features`` still closes each of those rows with a
+        newline (and the processor counts them). 0 whenever the window holds a token."""
+        kept_rows, kept_cols = self.kept_shape
+        return kept_rows if kept_cols == 0 else 0
+
     def canvas_valid(self) -> torch.Tensor:
         """bool ``[rows * side, cols * side]``: the canvas tokens the model keeps."""
         top, bottom, left, right = self.window
@@ -223,13 +247,21 @@ class LlavaNextPartitioner(Partitioner):
             of ``crop_size`` (HF's ``image_grid_pinpoints``, in HF's (height, width) order).
         crop_size: side of the square crop the tower sees (``vision_config.image_size``).
         patch_size: the tower's patch size; ``crop_size // patch_size`` tokens per side.
+        unpad_rule: ``"hf"`` (default): ``valid`` is what the model keeps; ``"reference"``:
+            the released HERO code's valid region (:func:`unpad_window`).
     """
 
     grid_pinpoints: tuple[tuple[int, int], ...]
     crop_size: int
     patch_size: int
+    unpad_rule: str = "hf"
 
     def __post_init__(self) -> None:
+        if self.unpad_rule not in ("hf", "reference"):
+            raise ConfigError(
+                f"LlavaNextPartitioner.unpad_rule must be 'hf' (the model's own unpadding) or "
+                f"'reference' (the released HERO code's), got {self.unpad_rule!r}"
+            )
         for name in ("crop_size", "patch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -266,7 +298,7 @@ class LlavaNextPartitioner(Partitioner):
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_config(cls, config: Any) -> LlavaNextPartitioner:
+    def from_config(cls, config: Any, unpad_rule: str = "hf") -> LlavaNextPartitioner:
         """From a ``LlavaNextConfig`` (``image_grid_pinpoints`` and its ``vision_config``)."""
         pinpoints = getattr(config, "image_grid_pinpoints", None)
         vision = getattr(config, "vision_config", None)
@@ -279,10 +311,11 @@ class LlavaNextPartitioner(Partitioner):
             grid_pinpoints=tuple(tuple(p) for p in pinpoints),
             crop_size=int(vision.image_size),
             patch_size=int(vision.patch_size),
+            unpad_rule=unpad_rule,
         )
 
     @classmethod
-    def from_model(cls, model: Any, processor: Any = None) -> LlavaNextPartitioner:
+    def from_model(cls, model: Any, processor: Any = None, unpad_rule: str = "hf") -> LlavaNextPartitioner:
         """From a LLaVA-NeXT model (its config is the truth the model packs by), checked
         against its processor (a ``LlavaNextProcessor`` or its image processor) when given.
 
@@ -292,7 +325,7 @@ class LlavaNextPartitioner(Partitioner):
                 size, image-token count).
         """
         config = getattr(model, "config", model)
-        partitioner = cls.from_config(config)
+        partitioner = cls.from_config(config, unpad_rule)
         if processor is not None:
             partitioner._check_processor(processor, config)
         return partitioner
@@ -367,7 +400,7 @@ class LlavaNextPartitioner(Partitioner):
         resized = resized_size(size, best)
         padding = ((best[0] - resized[0]) // 2, (best[1] - resized[1]) // 2)
         side = self.tokens_per_side
-        window = unpad_window(size, (tiles[0] * side, tiles[1] * side))
+        window = unpad_window(size, (tiles[0] * side, tiles[1] * side), self.unpad_rule)
         return AnyresGeometry(
             image_size=size,
             best_resolution=best,

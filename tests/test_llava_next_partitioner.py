@@ -20,6 +20,8 @@ transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
 from transformers.models.llava_next import modeling_llava_next as hf_llava_next  # noqa: E402
 
+pytestmark = pytest.mark.compat  # also run against every supported transformers (make test-compat)
+
 # The released grids plus 2x3 / 3x2, so that grids with rows != cols and both > 1 occur.
 GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3), (2, 3), (3, 2))
 CROP, SIDE, N = 56, 7, 49

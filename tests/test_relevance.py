@@ -24,6 +24,8 @@ from tokenprune.adapters.relevance import (
 import tokenprune
 from tokenprune import ConfigError, ContractError, Needs, SignalError
 
+pytestmark = pytest.mark.compat  # also run against every supported transformers (make test-compat)
+
 transformers = pytest.importorskip("transformers")
 open_clip = pytest.importorskip("open_clip")
 
@@ -115,7 +117,7 @@ def hf_scorer(hf_clip: Any, hf_tokenizer: Any) -> HFClipScorer:
 def _hf_tower_copy(clip: Any) -> Any:
     """A separate CLIPVisionModel (a VLM's tower) holding copies of the CLIP's vision weights."""
     tower = transformers.CLIPVisionModel(clip.config.vision_config).eval()
-    tower.load_state_dict(clip.vision_model.state_dict())
+    getattr(tower, "vision_model", tower).load_state_dict(clip.vision_model.state_dict())
     return tower
 
 
@@ -484,7 +486,7 @@ def test_hf_other_architectures_take_the_slow_path(
     config = _clip_config(hf_tokenizer, **changes).vision_config
     tower = transformers.CLIPVisionModel(config).eval()
     if changes.get("heads"):  # equal values, yet a different computation
-        tower.load_state_dict(hf_clip.vision_model.state_dict())
+        getattr(tower, "vision_model", tower).load_state_dict(hf_clip.vision_model.state_dict())
     pixels = _pixels()
     hf_scorer.score(
         pixels,
@@ -572,7 +574,7 @@ def test_fast_path_with_a_tiny_llava_next_tower(hf_tokenizer: Any) -> None:
             projection_dim=16,
         )
     ).eval()
-    clip.vision_model.load_state_dict(tower.state_dict())
+    clip.vision_model.load_state_dict(getattr(tower, "vision_model", tower).state_dict())
     scorer = HFClipScorer(clip, hf_tokenizer)
     assert hf_vision_core(vlm) is tower
     image = torch.rand(3, 80, 120, generator=torch.Generator().manual_seed(5))

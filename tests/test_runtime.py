@@ -103,6 +103,8 @@ def test_generate_path_is_detected_from_the_forward_signature() -> None:
     class Old:
         def forward(self, input_ids=None, inputs_embeds=None, **kwargs): ...
 
+        def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, **kwargs): ...
+
     assert runtime.generate_path(New) == "mm_encoder_outputs"
     assert runtime.generate_path(Old) == "inputs_embeds"
 

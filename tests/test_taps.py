@@ -23,6 +23,8 @@ from tokenprune.adapters.taps import (
     tap_for,
 )
 
+pytestmark = pytest.mark.compat  # also run against every supported transformers (make test-compat)
+
 WIDTH, HEADS, DEPTH, PATCH, IMAGE = 64, 4, 3, 8, 32
 HEAD_DIM = WIDTH // HEADS
 TOKENS = (IMAGE // PATCH) ** 2
@@ -138,11 +140,11 @@ def test_hf_embeddings_features_keys_and_wide_head(clip: nn.Module) -> None:
             assert torch.equal(record.cls_embedding[layer % DEPTH], hidden[layer % DEPTH + 1][:, 0])
         assert torch.equal(record.features, hidden[-2][:, 1:])  # LLaVA's feature layer -2
         for layer in (0, -1):
-            block = clip.encoder.layers[layer]
+            block = getattr(clip, "vision_model", clip).encoder.layers[layer]  # a wrapper before transformers 5.x
             keys = block.self_attn.k_proj(block.layer_norm1(hidden[layer % DEPTH]))
             torch.testing.assert_close(record.keys[layer % DEPTH], keys[:, 1:], atol=1e-6, rtol=0)
         # wide head by hand: one WIDTH-wide head, scale WIDTH ** -0.5
-        block = clip.encoder.layers[1]
+        block = getattr(clip, "vision_model", clip).encoder.layers[1]
         normed = block.layer_norm1(hidden[1])
         query = block.self_attn.q_proj(normed)[:, 0]
         keys = block.self_attn.k_proj(normed)
@@ -169,7 +171,7 @@ def test_only_the_requested_blocks_are_hooked(clip: nn.Module) -> None:
     before = _hook_snapshot(clip)
     with tap_for(clip).capture(tp.Needs(cls_attention={1})):
         during = _hook_snapshot(clip)
-    changed = sorted(name for name in before if before[name] != during[name])
+    changed = sorted(name.removeprefix("vision_model.") for name in before if before[name] != during[name])
     assert changed == ["encoder.layers.1.self_attn.k_proj", "encoder.layers.1.self_attn.q_proj"]
     with tap_for(clip).capture(tp.Needs(keys={2})):
         during = _hook_snapshot(clip)
@@ -290,7 +292,7 @@ def test_siglip_serves_keys_and_features_but_refuses_cls_needs(hf_vision_tower) 
         hidden = siglip(pixel_values=pixels, output_hidden_states=True).hidden_states
         with tap.capture(tp.Needs(keys={1}), feature_layer=-2) as record:
             siglip(pixel_values=pixels)
-        block = siglip.encoder.layers[1]
+        block = getattr(siglip, "vision_model", siglip).encoder.layers[1]
         keys = block.self_attn.k_proj(block.layer_norm1(hidden[1]))
     assert torch.equal(record.features, hidden[-2])  # no CLS to drop
     torch.testing.assert_close(record.keys[1], keys, atol=1e-6, rtol=0)

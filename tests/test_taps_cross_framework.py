@@ -15,6 +15,8 @@ from torch import nn
 import tokenprune as tp
 from tokenprune.adapters.taps import tap_for
 
+pytestmark = pytest.mark.compat  # also run against every supported transformers (make test-compat)
+
 WIDTH, HEADS, DEPTH, PATCH, IMAGE = 64, 4, 3, 8, 32
 TOKENS = (IMAGE // PATCH) ** 2
 ATOL = 1e-4

@@ -11,6 +11,8 @@ from torch import nn
 import tokenprune as tp
 from tokenprune.adapters.vision_tower import TowerPruneOutput, VisionTower
 
+pytestmark = pytest.mark.compat  # also run against every supported transformers (make test-compat)
+
 WIDTH, HEADS, DEPTH, PATCH, IMAGE = 64, 4, 3, 8, 32
 SIDE = IMAGE // PATCH
 TOKENS = SIDE * SIDE
@@ -65,7 +67,7 @@ def _reference_features(tower: nn.Module, pixels: torch.Tensor, layer: int) -> t
     with torch.no_grad():
         if type(tower).__module__.startswith("transformers."):
             hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states
-            prefix = 1 if hasattr(tower.embeddings, "class_embedding") else 0
+            prefix = 1 if hasattr(getattr(tower, "vision_model", tower).embeddings, "class_embedding") else 0
             return hidden[layer % DEPTH + 1][:, prefix:]
         if type(tower).__module__.startswith("timm."):
             return tower.forward_intermediates(pixels, indices=[layer % DEPTH], output_fmt="NLC")[1][0]

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .errors import IncompatibleError
+
 __all__ = ["add_doctor_parser", "report", "format_report"]
 
 _PACKAGES = ("torch", "transformers", "timm", "open_clip_torch", "tokenprune")
@@ -46,7 +48,11 @@ def _model_class(name: str) -> dict[str, Any]:
         return {"available": False, "why": f"transformers does not import: {error}"}
     if model_class is None:
         return {"available": False, "why": "not in the installed transformers"}
-    row: dict[str, Any] = {"available": True, "generate_path": generate_path(model_class)}
+    try:
+        path = generate_path(model_class)
+    except IncompatibleError as error:
+        path = f"none ({error})"
+    row: dict[str, Any] = {"available": True, "generate_path": path}
     try:
         row["tap"] = tap_name(model_class)
     except Exception as error:  # a report, not a run: say what failed and go on

@@ -210,16 +210,13 @@ def chat_prompt(processor: Any, question: str, *, images: int = 1, chat_template
 
 # ---------------------------------------------------------------------- feature detection
 def generate_path(model_class: type) -> str:
-    """How pruned image tokens reach ``model_class``'s ``generate``.
+    """How pruned image tokens reach ``model_class``'s ``generate``: ``"mm_encoder_outputs"``
+    (transformers >= 5.18) or ``"inputs_embeds"`` (the embedded prompt with the kept tokens in
+    place); the adapters' own detection (:func:`tokenprune.adapters._generate_inputs.generate_path`)
+    applied to the class. Raises :class:`IncompatibleError` when neither path exists."""
+    from .adapters._generate_inputs import generate_path as detect
 
-    ``"mm_encoder_outputs"`` when its forward takes precomputed encoder outputs (transformers
-    >= 5.18), else ``"inputs_embeds"`` (the embedded prompt with the kept tokens in place).
-    """
-    try:
-        parameters = inspect.signature(model_class.forward).parameters
-    except (TypeError, ValueError):
-        return "inputs_embeds"
-    return "mm_encoder_outputs" if "mm_encoder_outputs" in parameters else "inputs_embeds"
+    return detect(model_class)
 
 
 def tap_name(model_class: type) -> str:

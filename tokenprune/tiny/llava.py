@@ -113,6 +113,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
         extra_special_tokens={"image_token": "<image>"},
         padding_side="left",
         model_max_length=4096,
+        model_input_names=["input_ids", "attention_mask"],  # as LLaVA's (older releases default to token_type_ids too)
     )
     return tokenizer
 
