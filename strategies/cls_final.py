@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from tokenprune.strategies._scores import reduce_heads, topk_per_partition
 
 from tokenprune import Layout, Needs, Selection, Selector, Signals, register_selector
+from tokenprune.strategies._scores import host_budgets, reduce_heads, topk_batch
 
 __all__ = ["ClsFinal"]
 
@@ -51,8 +52,21 @@ class ClsFinal(Selector):
         return Needs(cls_attention={self.final_layer})
 
     def select(self, layout: Layout, signals: Signals, budgets: torch.Tensor) -> Selection:
-        scores = reduce_heads(signals.attention(self.final_layer), self.heads)
-        indices = topk_per_partition(
-            scores, layout.valid, budgets, what=f"CLS attention of layer {self.final_layer}"
-        )
-        return Selection(indices=indices)
+        return self.select_batch([layout], [signals], [budgets])[0]
+
+    def select_batch(
+        self, layouts: Sequence[Layout], signals: Sequence[Signals], budgets: Sequence[torch.Tensor]
+    ) -> list[Selection]:
+        counts = host_budgets(budgets, layouts, f"selector {self.registry_name!r}")
+        return self.select_counted(layouts, signals, budgets, counts)
+
+    def select_counted(
+        self,
+        layouts: Sequence[Layout],
+        signals: Sequence[Signals],
+        budgets: Sequence[torch.Tensor],
+        counts: Sequence[tuple[int, ...]],
+    ) -> list[Selection]:
+        scores = [reduce_heads(signal.attention(self.final_layer), self.heads) for signal in signals]
+        what = f"CLS attention of layer {self.final_layer}"
+        return [Selection(indices=kept) for kept in topk_batch(scores, layouts, budgets, counts, what=what)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +18,7 @@ from tokenprune import (
     register_preset,
 )
 from tokenprune.budget import Rounding
-
-from .hired import Overflow, split_thumbnail_tiles
+from tokenprune.strategies._budget import Overflow, read_rows, split_thumbnail_tiles, upload
 
 __all__ = ["HeroAllocator"]
 
@@ -110,55 +110,79 @@ class HeroAllocator(BudgetAllocator):
 
     # ------------------------------------------------------------------ weights
     def tile_weights(self, layout: Layout, signals: Signals) -> torch.Tensor:
-        """``fused_i`` of every tile, float64 ``[K]`` on the CPU, summing to 1."""
+        """``fused_i`` of every tile, float64 ``[K]`` on the signals' device, summing to 1."""
         tiles = layout.tile_slice
-        capacity = layout.capacity[tiles].double().cpu()
-        count = capacity.numel()
+        count = layout.num_partitions - tiles.start
+        capacity = torch.tensor(layout.capacity_counts[tiles], dtype=torch.float64)
+        device = capacity.device
         uniform = torch.full((count,), 1.0 / count, dtype=torch.float64)
         mixed = torch.zeros(count, dtype=torch.float64)
         if self.uses_saliency:
             if layout.has_thumbnail:
                 embedding = signals.embedding(self.embedding_layer).float()
+                device = embedding.device
                 cosine = torch.nn.functional.cosine_similarity(embedding[tiles], embedding[:1], dim=-1)
-                saliency = torch.softmax(cosine / self.tau_visual, dim=0).double().cpu()
+                saliency = torch.softmax(cosine / self.tau_visual, dim=0).double()
             else:
                 saliency = uniform
-            mixed += self.saliency_weight * saliency
+            mixed = mixed.to(saliency.device) + self.saliency_weight * saliency
         if self.uses_relevance:
             assert signals.relevance is not None  # checked by signals.require
             relevance = signals.relevance[tiles].float()
-            mixed += (1.0 - self.saliency_weight) * torch.softmax(relevance / self.tau_text, dim=0).double().cpu()
-        filled = capacity.sum()
-        density = capacity / filled if filled > 0 else uniform
-        return self.density_weight * density + (1.0 - self.density_weight) * mixed
+            device = relevance.device
+            text = torch.softmax(relevance / self.tau_text, dim=0).double()
+            mixed = mixed.to(device) + (1.0 - self.saliency_weight) * text
+        filled = sum(layout.capacity_counts[tiles])
+        density = (capacity / filled if filled > 0 else uniform).to(device)
+        return self.density_weight * density + (1.0 - self.density_weight) * mixed.to(device)
 
     # ------------------------------------------------------------------ allocate
     def allocate(self, layout: Layout, signals: Signals, total: int) -> torch.Tensor:
-        device = layout.valid.device
-        capacity = layout.capacity.cpu()
-        if layout.tiles == (0, 0):
-            return torch.tensor([min(total, int(capacity[0]))], dtype=torch.int64, device=device)
-        signals.require(self.needs, who=f"allocator {self.registry_name!r}")
-        weights = self.tile_weights(layout, signals)
+        return self.allocate_batch([layout], [signals], [total])[0]
+
+    def allocate_batch(
+        self, layouts: Sequence[Layout], signals: Sequence[Signals], totals: Sequence[int]
+    ) -> list[torch.Tensor]:
+        return self.allocate_counted(layouts, signals, totals)[0]
+
+    def allocate_counted(
+        self, layouts: Sequence[Layout], signals: Sequence[Signals], totals: Sequence[int]
+    ) -> tuple[list[torch.Tensor], list[tuple[int, ...]]]:
+        """Tile weights of every image on the device, read in one transfer; the integer
+        shares on the host (exact apportion), uploaded in one transfer."""
+        weighed = []
+        for layout, signal in zip(layouts, signals):
+            if layout.tiles == (0, 0):
+                weighed.append(None)
+                continue
+            signal.require(self.needs, who=f"allocator {self.registry_name!r}")
+            weighed.append(self.tile_weights(layout, signal))
+        values = [
+            tuple(self._shares(layout, weights, total))
+            for layout, weights, total in zip(layouts, read_rows(weighed), totals)
+        ]
+        device = layouts[0].valid.device if layouts else torch.device("cpu")
+        return upload(values, device), values
+
+    def _shares(self, layout: Layout, weights: list[float] | None, total: int) -> list[int]:
+        capacity = list(layout.capacity_counts)
+        if weights is None:
+            return [min(total, capacity[0])]
         tile_capacity = capacity[layout.tile_slice]
-        count = tile_capacity.numel()
+        count = len(tile_capacity)
         partitions = layout.num_partitions
         if not layout.has_thumbnail:
             if self.overflow == "discard":
-                uncapped = apportion(weights, total, [total] * count, "floor")
-                return torch.minimum(uncapped, tile_capacity).to(device)
-            return apportion(weights, total, tile_capacity, self.rounding).to(device)
-
+                uncapped = apportion(weights, total, [total] * count, "floor").tolist()
+                return [min(u, c) for u, c in zip(uncapped, tile_capacity)]
+            return apportion(weights, total, tile_capacity, self.rounding).tolist()
         if self.overflow == "discard":
-            thumbnail = min(total // partitions, int(capacity[0]))
+            thumbnail = min(total // partitions, capacity[0])
             local = count * total // partitions  # N_local = int(K * N * R), R = total / (P * N)
-            tiles = torch.minimum(apportion(weights, local, [local] * count, "floor"), tile_capacity)
-        else:
-            thumbnail, pool = split_thumbnail_tiles(
-                (1, count), total, int(capacity[0]), int(tile_capacity.sum()), self.rounding
-            )
-            tiles = apportion(weights, pool, tile_capacity, self.rounding)
-        return torch.cat([torch.tensor([thumbnail]), tiles]).to(dtype=torch.int64, device=device)
+            uncapped = apportion(weights, local, [local] * count, "floor").tolist()
+            return [thumbnail] + [min(u, c) for u, c in zip(uncapped, tile_capacity)]
+        thumbnail, pool = split_thumbnail_tiles((1, count), total, capacity[0], sum(tile_capacity), self.rounding)
+        return [thumbnail] + apportion(weights, pool, tile_capacity, self.rounding).tolist()
 
 
 register_preset(

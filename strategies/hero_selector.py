@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from tokenprune.strategies._scores import topk_per_partition
 
 from tokenprune import (
     ConfigError,
@@ -18,6 +17,7 @@ from tokenprune import (
     register_preset,
     register_selector,
 )
+from tokenprune.strategies._scores import host_budgets, topk_batch
 
 __all__ = ["HeroSelector"]
 
@@ -107,17 +107,32 @@ class HeroSelector(Selector):
         return total / len(layers)
 
     def select(self, layout: Layout, signals: Signals, budgets: torch.Tensor) -> Selection:
-        p = layout.num_partitions
-        parts = []
-        first_tile = 0
-        if layout.has_thumbnail:
-            parts.append(self._scores(signals, self.high_layers, slice(0, 1)))
-            first_tile = 1
-        if first_tile < p:
-            parts.append(self._scores(signals, self.low_layers, slice(first_tile, p)))
-        scores = torch.cat(parts, dim=0)
-        indices = topk_per_partition(scores, layout.valid, budgets, what="HERO CLS-attention scores")
-        return Selection(indices=indices)
+        return self.select_batch([layout], [signals], [budgets])[0]
+
+    def select_batch(
+        self, layouts: Sequence[Layout], signals: Sequence[Signals], budgets: Sequence[torch.Tensor]
+    ) -> list[Selection]:
+        counts = host_budgets(budgets, layouts, f"selector {self.registry_name!r}")
+        return self.select_counted(layouts, signals, budgets, counts)
+
+    def select_counted(
+        self,
+        layouts: Sequence[Layout],
+        signals: Sequence[Signals],
+        budgets: Sequence[torch.Tensor],
+        counts: Sequence[tuple[int, ...]],
+    ) -> list[Selection]:
+        # Every partition is scored by both layer sets at once; the thumbnail rows take the
+        # high layers' score, the rest the low layers' (one select, no per-image split).
+        scores = []
+        for layout, signal in zip(layouts, signals):
+            low = self._scores(signal, self.low_layers, slice(None))
+            if layout.has_thumbnail:
+                high = self._scores(signal, self.high_layers, slice(0, 1))
+                low = torch.cat([high, low[1:]])
+            scores.append(low)
+        kept = topk_batch(scores, layouts, budgets, counts, what="HERO CLS-attention scores")
+        return [Selection(indices=indices) for indices in kept]
 
 
 register_preset(

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import os
 
-import torch
-from hypothesis import HealthCheck, settings
+# Tests run with the value checks on (Selection, Signals, Pipeline.apply): off by default
+# because each costs a host read; tests that count host reads turn it off themselves.
+os.environ.setdefault("TOKENPRUNE_VALIDATE", "1")
+
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 import tokenprune  # noqa: F401  (runs the torchvision compat shim before any test imports transformers)
 
-from . import example_strategies  # noqa: F401  (registers the test-defined strategies)
+from . import example_strategies  # noqa: F401, E402  (registers the test-defined strategies)
 
 settings.register_profile(
     "ci",

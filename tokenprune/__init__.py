@@ -26,6 +26,7 @@ from .contracts import (  # noqa: E402
     Selection,
     Selector,
     Signals,
+    validation,
 )
 from .errors import (  # noqa: E402
     BudgetError,
@@ -63,6 +64,7 @@ __all__ = [
     "ALLOCATORS",
     "SELECTORS",
     "Adapter",
+    "validation",
     "AttentionTap",
     "Budget",
     "BudgetAllocator",

@@ -38,9 +38,9 @@ from typing import Literal
 
 import torch
 
-from .errors import BudgetError, ConfigError
+from .errors import BudgetError, ConfigError, ContractError
 
-__all__ = ["apportion", "quota", "Budget", "parse_budget", "Rounding"]
+__all__ = ["apportion", "quota", "Budget", "parse_budget", "Rounding", "check_budget_tensor", "check_budget_values", "host_split"]
 
 Rounding = Literal["exact", "floor"]
 _ROUNDINGS = ("exact", "floor")
@@ -240,6 +240,71 @@ def apportion(
             raise AssertionError(f"apportion missed a lower quota at total {slot}")
         shares[i] += 1
     return torch.tensor(shares, dtype=torch.int64, device=device)
+
+
+# --------------------------------------------------------------------------- the budget check
+
+
+def check_budget_tensor(budgets: object, partitions: int, who: str, *, int64: bool = False) -> torch.Tensor:
+    """Raise :class:`~tokenprune.ContractError` unless ``budgets`` is an integer tensor ``[P]``
+    (``int64`` when ``int64``, as allocators must return).
+
+    Shape and dtype only: free (no host read). With :func:`check_budget_values` this is the
+    one budget check of the package; the pipeline and every strategy use these two.
+    """
+    ok = (
+        isinstance(budgets, torch.Tensor)
+        and tuple(budgets.shape) == (partitions,)
+        and (budgets.dtype == torch.int64 if int64 else not (budgets.dtype.is_floating_point or budgets.dtype.is_complex or budgets.dtype == torch.bool))
+    )
+    if not ok:
+        kind = "an int64" if int64 else "an integer"
+        raise ContractError(
+            f"{who} budgets must be {kind} tensor of shape [{partitions}], got "
+            f"{getattr(budgets, 'dtype', type(budgets))} {tuple(getattr(budgets, 'shape', ()))}"
+        )
+    return budgets  # type: ignore[return-value]
+
+
+def check_budget_values(
+    values: Sequence[int],
+    capacity: Sequence[int],
+    who: str,
+    *,
+    total: int | None = None,
+    exact: bool = True,
+) -> None:
+    """Raise :class:`~tokenprune.ContractError` unless each budget lies in ``[0, capacity]``
+    and, when ``total`` is given, they sum to ``min(total, sum(capacity))`` (at most that
+    when not ``exact``). Works on host ints: callers read a batch's budgets once."""
+    values, capacity = list(values), list(capacity)
+    if any(v < 0 for v in values):
+        raise ContractError(f"{who} budgets {values} must lie in [0, capacity={capacity}]; some are negative")
+    if any(v > c for v, c in zip(values, capacity)):
+        raise ContractError(
+            f"{who} budgets {values} must lie in [0, capacity]: they exceed the valid tokens per partition {capacity}"
+        )
+    if total is None:
+        return
+    expected, got = min(total, sum(capacity)), sum(values)
+    if (exact and got != expected) or got > expected:
+        raise ContractError(
+            f"{who} returned budgets summing to {got}; the image's budget is {expected} "
+            f"(min of {total} and capacity {sum(capacity)})"
+        )
+
+
+def host_split(budgets: Sequence[torch.Tensor]) -> list[tuple[int, ...]]:
+    """Per-image budgets as host ints, read in ONE transfer for the whole batch."""
+    sizes = [int(b.shape[0]) for b in budgets]
+    if not sum(sizes):
+        return [() for _ in sizes]
+    flat = torch.cat([b.reshape(-1) for b in budgets]).tolist()
+    out, start = [], 0
+    for size in sizes:
+        out.append(tuple(flat[start : start + size]))
+        start += size
+    return out
 
 
 # --------------------------------------------------------------------------- budgets
