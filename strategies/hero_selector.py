@@ -122,17 +122,44 @@ class HeroSelector(Selector):
         budgets: Sequence[torch.Tensor],
         counts: Sequence[tuple[int, ...]],
     ) -> list[Selection]:
-        # Every partition is scored by both layer sets at once; the thumbnail rows take the
-        # high layers' score, the rest the low layers' (one select, no per-image split).
-        scores = []
-        for layout, signal in zip(layouts, signals):
-            low = self._scores(signal, self.low_layers, slice(None))
-            if layout.has_thumbnail:
-                high = self._scores(signal, self.high_layers, slice(0, 1))
-                low = torch.cat([high, low[1:]])
-            scores.append(low)
-        kept = topk_batch(scores, layouts, budgets, counts, what="HERO CLS-attention scores")
-        return [Selection(indices=indices) for indices in kept]
+        # All partitions of all images at once: each layer's rows concatenated, scored by
+        # both layer sets; thumbnail rows take the high layers' score, the rest the low ones'.
+        everything = _Concatenated(signals)
+        low = self._scores(everything, self.low_layers, slice(None))
+        thumbnails = [offset for offset, layout in zip(everything.offsets, layouts) if layout.has_thumbnail]
+        if thumbnails:
+            high = self._scores(everything, self.high_layers, slice(None))
+            is_thumbnail = torch.zeros(low.shape[0], dtype=torch.bool)
+            is_thumbnail[thumbnails] = True
+            low = torch.where(is_thumbnail.to(low.device)[:, None], high, low)
+        scores = [low]
+        kept = topk_batch(scores, [_Stacked(layouts)], [torch.cat(list(budgets))], [tuple(c for image in counts for c in image)], what="HERO CLS-attention scores")[0]
+        out, start = [], 0
+        for image in counts:
+            out.append(Selection(indices=kept[start : start + len(image)]))
+            start += len(image)
+        return out
+
+
+class _Concatenated:
+    """The CLS attention of a batch's signals, every layer's partitions concatenated."""
+
+    def __init__(self, signals: Sequence[Signals]) -> None:
+        self._signals = list(signals)
+        sizes = [int(signal.num_partitions or 0) for signal in signals]
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+
+    def attention(self, layer: int) -> torch.Tensor:
+        rows = [signal.attention(layer) for signal in self._signals]
+        return torch.cat(rows) if len(rows) > 1 else rows[0]
+
+
+class _Stacked:
+    """A stand-in layout whose valid mask is every partition of a batch."""
+
+    def __init__(self, layouts: Sequence[Layout]) -> None:
+        masks = [layout.valid for layout in layouts]
+        self.valid = torch.cat(masks) if len(masks) > 1 else masks[0]
 
 
 register_preset(

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from tokenprune.strategies._scores import reduce_heads
 
 from tokenprune import (
     ConfigError,
@@ -22,6 +21,7 @@ from tokenprune import (
     register_selector,
 )
 from tokenprune.contracts import finite_or_raise
+from tokenprune.strategies._scores import attention_order, reduce_heads
 
 __all__ = ["PruMerge", "batch_outlier_ratio", "iqr_upper_fences", "outlier_counts"]
 
@@ -244,6 +244,10 @@ class PruMerge(Selector):
         """Tokens kept (summary excluded) by the adaptive count in one partition."""
         return attention_count
 
+    def _fixed_counts(self, caps: list[int], budgets: list[int], tokens: int) -> tuple[list[int], list[float]]:
+        """Attention count and ratio per partition when the count is not adaptive (unused here)."""
+        return [0] * len(caps), [0.0] * len(caps)
+
     def _keep_mask(
         self,
         scores: torch.Tensor,
@@ -254,7 +258,7 @@ class PruMerge(Selector):
         side: int,
     ) -> torch.Tensor:
         """bool ``[N]``: the ``kept`` tokens of one partition (nested in ``kept``)."""
-        order = _attention_order(scores, valid)
+        order = attention_order(scores, valid)
         keep = torch.zeros_like(valid)
         keep[order[:kept]] = True
         return keep
@@ -281,7 +285,7 @@ class PruMerge(Selector):
             )
         caps = capacity.tolist()
         wanted = budgets.tolist()
-        attention_counts, ratios = [0] * len(caps), [0.0] * len(caps)
+        attention_counts, ratios = self._fixed_counts(caps, wanted, layout.tokens_per_partition)
         if self.count == "auto":
             attention_counts, ratios = self._attention_counts(scores, valid, batch_ratio)
             for p, cap in enumerate(caps):
@@ -391,13 +395,6 @@ class PruMerge(Selector):
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _attention_order(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Valid token indices by descending score, ties to the lower index."""
-    masked = scores.masked_fill(~valid, float("-inf"))
-    order = torch.sort(masked, descending=True, stable=True).indices
-    return order[: int(valid.sum())]
 
 
 def _checked_budgets(budgets: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:

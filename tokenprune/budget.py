@@ -22,7 +22,12 @@ the Balinski–Young quota idea, generalised to capacity-capped quotas. Ties go 
 seat whose quota is reached first, then to the lower index.
 
 ``rounding="floor"`` returns ``floor(q_i)`` and leaves the remainder unassigned, like the
-released reference code; it keeps every property above except the exact sum.
+released reference code; it keeps every property above except the exact sum. ``q_i`` is
+the EXACT quota of the weights as given (binary floats read exactly, rational arithmetic),
+not a float product: weights ``[1.0, 0.0, 0.2, 1.0]``, capacity ``[1, 0, 5, 20]``, total 25
+give ``[1, 0, 4, 19]``, because ``0.2`` is slightly above 1/5 and the last quota is 19.99...
+The reference presets read their decimal options as decimals where it matters
+(``hired``'s ``alpha``); pass integer weights for decimal ratios.
 """
 
 from __future__ import annotations
@@ -137,56 +142,60 @@ def _integer_weights(weights: list[float], bound: int) -> list[int] | None:
     return scaled
 
 
-def _seat_schedule(weights: list[float], caps: list[int], held: int, target: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """For each partition ``i`` and seat ``k = 1..cap_i``: the total at which ``q_i`` first
-    exceeds ``k - 1`` (release) and first reaches ``k`` (due), and ``H_i(k)`` itself.
+def _seat_schedule(weights: list[float], caps: list[int], held: int, target: int) -> list[tuple[int, int, float, int]]:
+    """Every seat that may be handed out by ``target``: ``(release, due, when, i)`` for the
+    ``k``-th seat of partition ``i``, ``release`` the total at which ``q_i`` first exceeds
+    ``k - 1``, ``due`` the total at which it first reaches ``k``, ``when = H_i(k)`` itself.
 
     ``H_i(k) = sum_j min(c_j, k * w_j / w_i)`` over positive weights (``held`` plus an
-    equal fill for zero weights). Computed in exact int64 arithmetic whenever the weights
-    scale to integers that fit; otherwise in float64, with exact Fractions at the rare
-    totals that sit within rounding error of an integer.
+    equal fill for zero weights). All partitions at once ``[P, K, P]``. Computed in exact
+    int64 arithmetic whenever the weights scale to integers that fit; otherwise in float64,
+    with exact Fractions at the rare totals that sit within rounding error of an integer.
     """
     size = len(weights)
-    positive = [weights[i] > 0 and caps[i] > 0 for i in range(size)]
-    zero = [weights[i] == 0 and caps[i] > 0 for i in range(size)]
-    pos_mask = torch.tensor(positive)
-    zero_caps = torch.tensor([caps[j] for j in range(size) if zero[j]], dtype=torch.int64)
+    if not size or not max(caps, default=0):
+        return []
+    positive = torch.tensor([weights[i] > 0 and caps[i] > 0 for i in range(size)])
     c = torch.tensor(caps, dtype=torch.int64)
+    k = torch.arange(max(caps) + 1, dtype=torch.int64)
+    zero_caps = torch.tensor([caps[j] if weights[j] == 0 else 0 for j in range(size)], dtype=torch.int64)
+    zero_h = held + torch.minimum(zero_caps[None, :], k[:, None]).sum(dim=1)  # [K], same for every zero weight
     integer = _integer_weights(weights, max(caps, default=0) + sum(caps))
-    out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    for i in range(size):
-        if caps[i] == 0:
-            empty = torch.empty(0, dtype=torch.int64)
-            out.append((empty, empty, empty.double()))
-            continue
-        k = torch.arange(caps[i] + 1, dtype=torch.int64)
-        if not positive[i]:
-            h = held + torch.minimum(zero_caps[None, :], k[:, None]).sum(dim=1)
-            floor_h, ceil_h, when = h, h, h.double()
-        elif integer is not None:
-            w = torch.tensor(integer, dtype=torch.int64)
-            scaled = torch.minimum(c[None, :] * w[i], k[:, None] * w[None, :]) * pos_mask[None, :]
-            numerator = scaled.sum(dim=1)  # = w_i * H_i(k), exactly
-            floor_h = torch.div(numerator, w[i], rounding_mode="floor")
-            ceil_h = -torch.div(-numerator, w[i], rounding_mode="floor")
-            when = numerator.double() / float(w[i])
-        else:
-            w = torch.tensor(weights, dtype=torch.float64)
-            level = torch.minimum(c[None, :].double(), k[:, None].double() * (w[None, :] / w[i]))
-            when = (level * pos_mask[None, :]).sum(dim=1)
-            floor_h, ceil_h = torch.floor(when).long(), torch.ceil(when).long()
-            near = (when - when.round()).abs() <= 1e-7 * when.clamp(min=1.0)
-            near &= when <= target + 1  # later seats are never released: no need to be exact
-            if bool(near.any()):
-                fractions = [Fraction(x) for x in weights]
-                for seat in torch.nonzero(near).flatten().tolist():
-                    exact = sum(
-                        (min(Fraction(caps[j]), seat * fractions[j] / fractions[i]) for j in range(size) if positive[j]),
-                        Fraction(0),
-                    )
-                    floor_h[seat], ceil_h[seat] = math.floor(exact), math.ceil(exact)
-        out.append((floor_h[:-1] + 1, ceil_h[1:], when[1:]))
-    return out
+    if integer is not None:
+        w = torch.tensor(integer, dtype=torch.int64)
+        w_safe = torch.where(positive, w, torch.ones_like(w))
+        scaled = torch.minimum(c[None, None, :] * w_safe[:, None, None], k[None, :, None] * w[None, None, :])
+        numerator = (scaled * positive[None, None, :]).sum(dim=2)  # = w_i * H_i(k), exactly
+        floor_h = torch.div(numerator, w_safe[:, None], rounding_mode="floor")
+        ceil_h = -torch.div(-numerator, w_safe[:, None], rounding_mode="floor")
+        when = numerator.double() / w_safe[:, None].double()
+    else:
+        w = torch.tensor(weights, dtype=torch.float64)
+        w_safe = torch.where(positive, w, torch.ones_like(w))
+        level = torch.minimum(c[None, None, :].double(), k[None, :, None].double() * (w[None, None, :] / w_safe[:, None, None]))
+        when = (level * positive[None, None, :]).sum(dim=2)
+        floor_h, ceil_h = torch.floor(when).long(), torch.ceil(when).long()
+        near = (when - when.round()).abs() <= 1e-7 * when.clamp(min=1.0)
+        near &= (when <= target + 1) & positive[:, None]  # later seats are never released: no need to be exact
+        if bool(near.any()):
+            fractions = [Fraction(x) for x in weights]
+            for i, seat in torch.nonzero(near).tolist():
+                exact = sum(
+                    (min(Fraction(caps[j]), seat * fractions[j] / fractions[i]) for j in range(size) if positive[j]),
+                    Fraction(0),
+                )
+                floor_h[i, seat], ceil_h[i, seat] = math.floor(exact), math.ceil(exact)
+    zero = ~positive[:, None]
+    floor_h = torch.where(zero, zero_h[None, :], floor_h)
+    ceil_h = torch.where(zero, zero_h[None, :], ceil_h)
+    when = torch.where(zero, zero_h[None, :].double(), when)
+    release, due, when = floor_h[:, :-1] + 1, ceil_h[:, 1:], when[:, 1:]  # seat k = 1..K
+    seat_exists = k[None, 1:] <= c[:, None]
+    wanted = seat_exists & (release <= target)  # seats released after the target are never handed out
+    owner = torch.arange(size)[:, None].expand_as(release)
+    # float64 holds every total and index exactly: one host read for all seats
+    table = torch.stack([release.double(), due.double(), when, owner.double()], dim=-1)[wanted]
+    return [(int(r), int(d), t, int(i)) for r, d, t, i in table.tolist()]
 
 
 def apportion(
@@ -222,10 +231,7 @@ def apportion(
     if target == sum(caps):  # everything fits: no choice to make
         return torch.tensor(caps, dtype=torch.int64, device=device)
     held = sum(caps[i] for i in range(size) if w[i] > 0 and caps[i] > 0)
-    seats: list[tuple[int, int, float, int]] = []
-    for i, (release, due, when) in enumerate(_seat_schedule(w, caps, held, target)):
-        wanted = release <= target  # seats released after the target are never handed out
-        seats.extend(zip(release[wanted].tolist(), due[wanted].tolist(), when[wanted].tolist(), [i] * int(wanted.sum())))
+    seats = _seat_schedule(w, caps, held, target)
     seats.sort()
     shares = [0] * size
     ready: list[tuple[int, float, int]] = []
