@@ -8,14 +8,15 @@ another's module.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal
 
 import torch
 
-from tokenprune.budget import Rounding, apportion
+from tokenprune.budget import Rounding, apportion, apportion_many
 
-__all__ = ["Overflow", "band_regions", "equal_shares", "exact_ratio", "floor_share", "split_thumbnail_tiles"]
+__all__ = ["TilePlan", "solve_plans", "Overflow", "band_regions", "equal_shares", "exact_ratio", "floor_share", "split_thumbnail_tiles"]
 
 #: What happens to tokens a partition cannot hold: handed to the others ("redistribute",
 #: water-filling) or dropped after clamping at capacity ("discard", the released code).
@@ -122,4 +123,53 @@ def read_rows(rows: Sequence[torch.Tensor | None]) -> list[list[float] | None]:
         size = int(row.numel())
         out.append(flat[start : start + size])
         start += size
+    return out
+
+
+@dataclass
+class TilePlan:
+    """How one image's budget splits: the thumbnail's part (if any), then the tiles by weight.
+
+    ``split``: weights of the capacity-aware thumbnail/tiles split (``split_thumbnail_tiles``),
+    or ``None`` when ``thumbnail`` and ``pool`` are fixed already (the released "discard"
+    arithmetic, or no thumbnail: ``thumbnail=None``). ``discard``: tiles get
+    ``min(floor(share of pool), capacity)`` from an uncapped apportion, the excess dropped.
+    """
+
+    weights: list[float]
+    tile_capacity: list[int]
+    split: tuple[float, float] | None = None
+    thumbnail: int | None = None
+    pool: int = 0
+    discard: bool = False
+
+
+def solve_plans(
+    plans: Sequence[TilePlan | list[int]], totals: Sequence[int], thumbnail_capacity: Sequence[int], rounding: Rounding
+) -> list[list[int]]:
+    """Integer budgets of a batch of plans (a ``list[int]`` plan is already the answer), with
+    two batched :func:`~tokenprune.budget.apportion_many` calls: the splits, then the tiles."""
+    splits = [
+        (i, plan)
+        for i, plan in enumerate(plans)
+        if isinstance(plan, TilePlan) and plan.split is not None
+    ]
+    split_shares = apportion_many(
+        [(list(plan.split), totals[i], [thumbnail_capacity[i], sum(plan.tile_capacity)]) for i, plan in splits],  # type: ignore[arg-type]
+        rounding,
+    )
+    for (i, plan), shares in zip(splits, split_shares):
+        target = min(totals[i], thumbnail_capacity[i] + sum(plan.tile_capacity))
+        plan.thumbnail, plan.pool = shares[0], target - shares[0]
+    tiled = [(i, plan) for i, plan in enumerate(plans) if isinstance(plan, TilePlan)]
+    problems = [
+        (plan.weights, plan.pool, [plan.pool] * len(plan.tile_capacity) if plan.discard else plan.tile_capacity)
+        for _, plan in tiled
+    ]
+    tile_shares = apportion_many(problems, "floor" if any(p.discard for _, p in tiled) else rounding)
+    out: list[list[int]] = [list(plan) if not isinstance(plan, TilePlan) else [] for plan in plans]
+    for (i, plan), shares in zip(tiled, tile_shares):
+        if plan.discard:
+            shares = [min(s, c) for s, c in zip(shares, plan.tile_capacity)]
+        out[i] = ([] if plan.thumbnail is None else [plan.thumbnail]) + shares
     return out

@@ -13,12 +13,11 @@ from tokenprune import (
     Layout,
     Needs,
     Signals,
-    apportion,
     register_allocator,
     register_preset,
 )
 from tokenprune.budget import Rounding
-from tokenprune.strategies._budget import Overflow, read_rows, split_thumbnail_tiles, upload
+from tokenprune.strategies._budget import Overflow, TilePlan, read_rows, solve_plans, upload
 
 __all__ = ["HeroAllocator"]
 
@@ -157,32 +156,26 @@ class HeroAllocator(BudgetAllocator):
                 continue
             signal.require(self.needs, who=f"allocator {self.registry_name!r}")
             weighed.append(self.tile_weights(layout, signal))
-        values = [
-            tuple(self._shares(layout, weights, total))
-            for layout, weights, total in zip(layouts, read_rows(weighed), totals)
-        ]
+        plans = [self._plan(layout, weights, total) for layout, weights, total in zip(layouts, read_rows(weighed), totals)]
+        thumbnail_capacity = [layout.capacity_counts[0] for layout in layouts]
+        values = [tuple(v) for v in solve_plans(plans, totals, thumbnail_capacity, self.rounding)]
         device = layouts[0].valid.device if layouts else torch.device("cpu")
         return upload(values, device), values
 
-    def _shares(self, layout: Layout, weights: list[float] | None, total: int) -> list[int]:
+    def _plan(self, layout: Layout, weights: list[float] | None, total: int) -> TilePlan | list[int]:
         capacity = list(layout.capacity_counts)
         if weights is None:
             return [min(total, capacity[0])]
         tile_capacity = capacity[layout.tile_slice]
         count = len(tile_capacity)
-        partitions = layout.num_partitions
+        discard = self.overflow == "discard"
         if not layout.has_thumbnail:
-            if self.overflow == "discard":
-                uncapped = apportion(weights, total, [total] * count, "floor").tolist()
-                return [min(u, c) for u, c in zip(uncapped, tile_capacity)]
-            return apportion(weights, total, tile_capacity, self.rounding).tolist()
-        if self.overflow == "discard":
-            thumbnail = min(total // partitions, capacity[0])
-            local = count * total // partitions  # N_local = int(K * N * R), R = total / (P * N)
-            uncapped = apportion(weights, local, [local] * count, "floor").tolist()
-            return [thumbnail] + [min(u, c) for u, c in zip(uncapped, tile_capacity)]
-        thumbnail, pool = split_thumbnail_tiles((1, count), total, capacity[0], sum(tile_capacity), self.rounding)
-        return [thumbnail] + apportion(weights, pool, tile_capacity, self.rounding).tolist()
+            return TilePlan(weights, tile_capacity, pool=total, discard=discard)
+        if discard:
+            thumbnail = min(total // layout.num_partitions, capacity[0])
+            local = count * total // layout.num_partitions  # N_local = int(K * N * R), R = total / (P * N)
+            return TilePlan(weights, tile_capacity, thumbnail=thumbnail, pool=local, discard=True)
+        return TilePlan(weights, tile_capacity, split=(1, count))
 
 
 register_preset(

@@ -14,17 +14,18 @@ from tokenprune import (
     Layout,
     Needs,
     Signals,
-    apportion,
     register_allocator,
     register_preset,
 )
 from tokenprune.budget import Rounding
 from tokenprune.strategies._budget import (
     Overflow,
+    TilePlan,
     band_regions,
     exact_ratio,
     floor_share,
     read_rows,
+    solve_plans,
     split_thumbnail_tiles,
     upload,
 )
@@ -155,30 +156,25 @@ class HiredAllocator(BudgetAllocator):
                 weighed.append(self.tile_weights(layout, signal))
             else:
                 weighed.append(None)
-        values = [
-            tuple(self._shares(layout, weights, total))
-            for layout, weights, total in zip(layouts, read_rows(weighed), totals)
-        ]
+        plans = [self._plan(layout, weights, total) for layout, weights, total in zip(layouts, read_rows(weighed), totals)]
+        thumbnail_capacity = [layout.capacity_counts[0] for layout in layouts]
+        values = [tuple(v) for v in solve_plans(plans, totals, thumbnail_capacity, self.rounding)]
         device = layouts[0].valid.device if layouts else torch.device("cpu")
         return upload(values, device), values
 
-    def _shares(self, layout: Layout, weights: list[float] | None, total: int) -> list[int]:
+    def _plan(self, layout: Layout, weights: list[float] | None, total: int) -> TilePlan | list[int]:
         capacity = list(layout.capacity_counts)
         if layout.tiles == (0, 0):
             return [min(total, capacity[0])]
         if weights is None:  # tiles without a thumbnail: equal shares
-            return apportion([1.0] * layout.num_partitions, total, capacity, self.rounding).tolist()
+            return TilePlan([1.0] * layout.num_partitions, capacity, pool=total)
         tile_capacity = capacity[1:]
         if self.overflow == "discard":
             thumbnail = min(floor_share(self.alpha, total), capacity[0])
             pool = min(total - thumbnail, len(tile_capacity) * layout.tokens_per_partition)
-            uncapped = apportion(weights, pool, [pool] * len(tile_capacity), "floor").tolist()
-            return [thumbnail] + [min(u, c) for u, c in zip(uncapped, tile_capacity)]
+            return TilePlan(weights, tile_capacity, thumbnail=thumbnail, pool=pool, discard=True)
         num, den = exact_ratio(self.alpha)
-        thumbnail, pool = split_thumbnail_tiles(
-            (num, den - num), total, capacity[0], sum(tile_capacity), self.rounding
-        )
-        return [thumbnail] + apportion(weights, pool, tile_capacity, self.rounding).tolist()
+        return TilePlan(weights, tile_capacity, split=(num, den - num))
 
 
 register_preset(

@@ -39,13 +39,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from .errors import BudgetError, ConfigError, ContractError
 
-__all__ = ["apportion", "quota", "Budget", "parse_budget", "Rounding", "check_budget_tensor", "check_budget_values", "host_split"]
+__all__ = ["apportion", "apportion_many", "quota", "Budget", "parse_budget", "Rounding", "check_budget_tensor", "check_budget_values", "host_split"]
 
 Rounding = Literal["exact", "floor"]
 _ROUNDINGS = ("exact", "floor")
@@ -55,6 +55,13 @@ _ROUNDINGS = ("exact", "floor")
 
 
 def _as_weights(weights: torch.Tensor | Sequence[float]) -> list[float]:
+    if isinstance(weights, (list, tuple)) and all(type(w) in (float, int) for w in weights):
+        values = [float(w) for w in weights]  # host numbers: checked without tensor ops
+        if not all(math.isfinite(v) for v in values):
+            raise ConfigError(f"weights must be finite, got {values}")
+        if any(v < 0 for v in values):
+            raise ConfigError(f"weights must be >= 0, got {values}")
+        return values
     tensor = torch.as_tensor(weights, dtype=torch.float64).detach().cpu()
     if tensor.dim() != 1:
         raise ConfigError(f"weights must be 1-D [P], got shape {tuple(tensor.shape)}")
@@ -66,6 +73,12 @@ def _as_weights(weights: torch.Tensor | Sequence[float]) -> list[float]:
 
 
 def _as_capacity(capacity: torch.Tensor | Sequence[int], size: int) -> list[int]:
+    if isinstance(capacity, (list, tuple)) and all(type(c) is int for c in capacity):
+        if len(capacity) != size:
+            raise ConfigError(f"capacity must have shape [{size}] like weights, got {(len(capacity),)}")
+        if any(c < 0 for c in capacity):
+            raise ConfigError(f"capacity must be >= 0, got {list(capacity)}")
+        return list(capacity)
     tensor = torch.as_tensor(capacity).detach().cpu()
     if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
         if tensor.dtype == torch.bool or not bool((tensor == tensor.round()).all()):
@@ -142,60 +155,127 @@ def _integer_weights(weights: list[float], bound: int) -> list[int] | None:
     return scaled
 
 
-def _seat_schedule(weights: list[float], caps: list[int], held: int, target: int) -> list[tuple[int, int, float, int]]:
-    """Every seat that may be handed out by ``target``: ``(release, due, when, i)`` for the
-    ``k``-th seat of partition ``i``, ``release`` the total at which ``q_i`` first exceeds
-    ``k - 1``, ``due`` the total at which it first reaches ``k``, ``when = H_i(k)`` itself.
+def _seat_tables(
+    rows: list[tuple[list[float], list[int], int, int]], integer: list[list[int]] | None
+) -> list[list[tuple[int, int, float, int]]]:
+    """Every seat that may be handed out by each row's target, for a group of rows at once.
 
-    ``H_i(k) = sum_j min(c_j, k * w_j / w_i)`` over positive weights (``held`` plus an
-    equal fill for zero weights). All partitions at once ``[P, K, P]``. Computed in exact
-    int64 arithmetic whenever the weights scale to integers that fit; otherwise in float64,
-    with exact Fractions at the rare totals that sit within rounding error of an integer.
+    A row is ``(weights, caps, held, target)``. The ``k``-th seat of partition ``i`` is
+    ``(release, due, when, i)``: ``release`` the total at which ``q_i`` first exceeds
+    ``k - 1``, ``due`` the total at which it first reaches ``k``, ``when = H_i(k)``, with
+    ``H_i(k) = sum_j min(c_j, k * w_j / w_i)`` over positive weights (``held`` plus an equal
+    fill for zero weights). Tensors ``[R, P, K, P]`` (rows, partitions, seats, partitions).
+    In exact int64 arithmetic when ``integer`` gives the rows' weights scaled to integers;
+    otherwise in float64, with exact Fractions at the rare totals that sit within rounding
+    error of an integer.
     """
-    size = len(weights)
-    if not size or not max(caps, default=0):
-        return []
-    positive = torch.tensor([weights[i] > 0 and caps[i] > 0 for i in range(size)])
-    c = torch.tensor(caps, dtype=torch.int64)
-    k = torch.arange(max(caps) + 1, dtype=torch.int64)
-    zero_caps = torch.tensor([caps[j] if weights[j] == 0 else 0 for j in range(size)], dtype=torch.int64)
-    zero_h = held + torch.minimum(zero_caps[None, :], k[:, None]).sum(dim=1)  # [K], same for every zero weight
-    integer = _integer_weights(weights, max(caps, default=0) + sum(caps))
+    size = max(len(w) for w, _, _, _ in rows)
+    seats = max(max(caps, default=0) for _, caps, _, _ in rows)
+
+    def padded(values: list[list[Any]], dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor([v + [0] * (size - len(v)) for v in values], dtype=dtype)
+
+    c = padded([caps for _, caps, _, _ in rows], torch.int64)
+    raw = padded([w for w, _, _, _ in rows], torch.float64)
+    positive = (raw > 0) & (c > 0)
+    held = torch.tensor([h for _, _, h, _ in rows], dtype=torch.int64)
+    target = torch.tensor([t for _, _, _, t in rows], dtype=torch.int64)
+    k = torch.arange(seats + 1, dtype=torch.int64)
+    zero_caps = torch.where(raw == 0, c, torch.zeros_like(c))
+    zero_h = held[:, None] + torch.minimum(zero_caps[:, None, :], k[None, :, None]).sum(dim=2)  # [R, K]
+    mask = positive[:, None, None, :]
     if integer is not None:
-        w = torch.tensor(integer, dtype=torch.int64)
+        w = padded(integer, torch.int64)
         w_safe = torch.where(positive, w, torch.ones_like(w))
-        scaled = torch.minimum(c[None, None, :] * w_safe[:, None, None], k[None, :, None] * w[None, None, :])
-        numerator = (scaled * positive[None, None, :]).sum(dim=2)  # = w_i * H_i(k), exactly
-        floor_h = torch.div(numerator, w_safe[:, None], rounding_mode="floor")
-        ceil_h = -torch.div(-numerator, w_safe[:, None], rounding_mode="floor")
-        when = numerator.double() / w_safe[:, None].double()
+        scaled = torch.minimum(c[:, None, None, :] * w_safe[:, :, None, None], k[None, None, :, None] * w[:, None, None, :])
+        numerator = (scaled * mask).sum(dim=3)  # = w_i * H_i(k), exactly
+        floor_h = torch.div(numerator, w_safe[:, :, None], rounding_mode="floor")
+        ceil_h = -torch.div(-numerator, w_safe[:, :, None], rounding_mode="floor")
+        when = numerator.double() / w_safe[:, :, None].double()
     else:
-        w = torch.tensor(weights, dtype=torch.float64)
-        w_safe = torch.where(positive, w, torch.ones_like(w))
-        level = torch.minimum(c[None, None, :].double(), k[None, :, None].double() * (w[None, None, :] / w_safe[:, None, None]))
-        when = (level * positive[None, None, :]).sum(dim=2)
+        w_safe = torch.where(positive, raw, torch.ones_like(raw))
+        ratio = raw[:, None, None, :] / w_safe[:, :, None, None]
+        level = torch.minimum(c[:, None, None, :].double(), k[None, None, :, None].double() * ratio)
+        when = (level * mask).sum(dim=3)
         floor_h, ceil_h = torch.floor(when).long(), torch.ceil(when).long()
         near = (when - when.round()).abs() <= 1e-7 * when.clamp(min=1.0)
-        near &= (when <= target + 1) & positive[:, None]  # later seats are never released: no need to be exact
+        near &= (when <= target[:, None, None] + 1) & positive[:, :, None]  # later seats are never released
         if bool(near.any()):
-            fractions = [Fraction(x) for x in weights]
-            for i, seat in torch.nonzero(near).tolist():
+            for r, i, seat in torch.nonzero(near).tolist():
+                weights, caps = rows[r][0], rows[r][1]
+                fractions = [Fraction(x) for x in weights]
                 exact = sum(
-                    (min(Fraction(caps[j]), seat * fractions[j] / fractions[i]) for j in range(size) if positive[j]),
+                    (min(Fraction(caps[j]), seat * fractions[j] / fractions[i]) for j in range(len(caps)) if fractions[j] > 0 and caps[j] > 0),
                     Fraction(0),
                 )
-                floor_h[i, seat], ceil_h[i, seat] = math.floor(exact), math.ceil(exact)
-    zero = ~positive[:, None]
-    floor_h = torch.where(zero, zero_h[None, :], floor_h)
-    ceil_h = torch.where(zero, zero_h[None, :], ceil_h)
-    when = torch.where(zero, zero_h[None, :].double(), when)
-    release, due, when = floor_h[:, :-1] + 1, ceil_h[:, 1:], when[:, 1:]  # seat k = 1..K
-    seat_exists = k[None, 1:] <= c[:, None]
-    wanted = seat_exists & (release <= target)  # seats released after the target are never handed out
-    owner = torch.arange(size)[:, None].expand_as(release)
-    # float64 holds every total and index exactly: one host read for all seats
-    table = torch.stack([release.double(), due.double(), when, owner.double()], dim=-1)[wanted]
-    return [(int(r), int(d), t, int(i)) for r, d, t, i in table.tolist()]
+                floor_h[r, i, seat], ceil_h[r, i, seat] = math.floor(exact), math.ceil(exact)
+    zero = ~positive[:, :, None]
+    floor_h = torch.where(zero, zero_h[:, None, :], floor_h)
+    ceil_h = torch.where(zero, zero_h[:, None, :], ceil_h)
+    when = torch.where(zero, zero_h[:, None, :].double(), when)
+    release, due, when = floor_h[..., :-1] + 1, ceil_h[..., 1:], when[..., 1:]  # seat k = 1..K
+    wanted = (k[None, None, 1:] <= c[:, :, None]) & (release <= target[:, None, None])
+    owner = torch.arange(size)[None, :, None].expand_as(release)
+    row = torch.arange(len(rows))[:, None, None].expand_as(release)
+    # float64 holds every total and index exactly: one host read for all rows' seats
+    columns = [release.double(), due.double(), when, owner.double(), row.double()]
+    table = torch.stack(columns, dim=-1)[wanted].tolist()
+    out: list[list[tuple[int, int, float, int]]] = [[] for _ in rows]
+    for r_, d_, t_, i_, row_ in table:
+        out[int(row_)].append((int(r_), int(d_), t_, int(i_)))
+    return out
+
+
+def _exact_shares(caps: list[int], target: int, seats: list[tuple[int, int, float, int]]) -> list[int]:
+    """Earliest-deadline-first over the seats (ties: the quota reached first, lower index)."""
+    seats.sort()
+    shares = [0] * len(caps)
+    ready: list[tuple[int, float, int]] = []
+    cursor = 0
+    for slot in range(1, target + 1):
+        while cursor < len(seats) and seats[cursor][0] <= slot:
+            _, due, when, i = seats[cursor]
+            heapq.heappush(ready, (due, when, i))
+            cursor += 1
+        due, _, i = heapq.heappop(ready)
+        if due < slot:  # cannot happen: the quotas are a feasible schedule
+            raise AssertionError(f"apportion missed a lower quota at total {slot}")
+        shares[i] += 1
+    return shares
+
+
+def apportion_many(
+    problems: Sequence[tuple[Sequence[float], int, Sequence[int]]], rounding: Rounding = "exact"
+) -> list[list[int]]:
+    """:func:`apportion` of many ``(weights, total, capacity)`` problems given as host
+    numbers, as host ints: one fixed set of tensor ops for all of them (the batched path of
+    the built-in allocators, which read their weights to the host once per batch)."""
+    if rounding not in _ROUNDINGS:
+        raise ConfigError(f"rounding must be one of {_ROUNDINGS}, got {rounding!r}")
+    checked = []
+    for weights, total, capacity in problems:
+        w = _as_weights(weights)
+        checked.append((w, _as_capacity(capacity, len(w)), _as_total(total)))
+    if rounding == "floor":
+        return [[math.floor(q) for q in _exact_quota(w, caps, total)] for w, caps, total in checked]
+    out: list[list[int] | None] = [None] * len(checked)
+    integer_rows, float_rows = [], []
+    for index, (w, caps, total) in enumerate(checked):
+        target = min(total, sum(caps))
+        if target == sum(caps):  # everything fits: no choice to make
+            out[index] = list(caps)
+            continue
+        held = sum(c for x, c in zip(w, caps) if x > 0 and c > 0)
+        integer = _integer_weights(w, max(caps, default=0) + sum(caps))
+        (integer_rows if integer is not None else float_rows).append((index, (w, caps, held, target), integer))
+    for group, exact_integers in ((integer_rows, True), (float_rows, False)):
+        if not group:
+            continue
+        integers = [integer for _, _, integer in group] if exact_integers else None
+        tables = _seat_tables([row for _, row, _ in group], integers)  # type: ignore[arg-type]
+        for (index, (_, caps, _, target), _), seats in zip(group, tables):
+            out[index] = _exact_shares(caps, target, seats)
+    return out  # type: ignore[return-value]
 
 
 def apportion(
@@ -216,35 +296,8 @@ def apportion(
     Returns:
         int64 ``[P]`` on the device of ``weights`` (CPU for plain sequences).
     """
-    if rounding not in _ROUNDINGS:
-        raise ConfigError(f"rounding must be one of {_ROUNDINGS}, got {rounding!r}")
     device = weights.device if isinstance(weights, torch.Tensor) else torch.device("cpu")
-    w = _as_weights(weights)
-    caps = _as_capacity(capacity, len(w))
-    total = _as_total(total)
-    if rounding == "floor":
-        shares = [math.floor(q) for q in _exact_quota(w, caps, total)]
-        return torch.tensor(shares, dtype=torch.int64, device=device)
-
-    size = len(w)
-    target = min(total, sum(caps))
-    if target == sum(caps):  # everything fits: no choice to make
-        return torch.tensor(caps, dtype=torch.int64, device=device)
-    held = sum(caps[i] for i in range(size) if w[i] > 0 and caps[i] > 0)
-    seats = _seat_schedule(w, caps, held, target)
-    seats.sort()
-    shares = [0] * size
-    ready: list[tuple[int, float, int]] = []
-    cursor = 0
-    for slot in range(1, target + 1):
-        while cursor < len(seats) and seats[cursor][0] <= slot:
-            _, due, when, i = seats[cursor]
-            heapq.heappush(ready, (due, when, i))
-            cursor += 1
-        due, _, i = heapq.heappop(ready)
-        if due < slot:  # cannot happen: the quotas are a feasible schedule
-            raise AssertionError(f"apportion missed a lower quota at total {slot}")
-        shares[i] += 1
+    shares = apportion_many([(weights, total, capacity)], rounding)[0]  # type: ignore[list-item]
     return torch.tensor(shares, dtype=torch.int64, device=device)
 
 
