@@ -20,6 +20,7 @@ from tokenprune import (
     register_preset,
     register_selector,
 )
+from tokenprune.budget import check_budget_tensor, check_budget_values, host_split
 from tokenprune.contracts import finite_or_raise
 from tokenprune.strategies._scores import attention_order, reduce_heads
 
@@ -274,7 +275,8 @@ class PruMerge(Selector):
         device = scores.device
         valid = layout.valid.to(device)
         capacity = valid.sum(dim=1)
-        budgets = _checked_budgets(budgets, capacity)
+        who = f"selector {self.registry_name or type(self).__name__}"
+        check_budget_tensor(budgets, layout.num_partitions, who, int64=True)
         features = signals.features
         assert features is not None  # signals.require checked it
         keys = signals.key(self.layer)
@@ -283,8 +285,9 @@ class PruMerge(Selector):
                 f"keys {tuple(keys.shape)} and features {tuple(features.shape)} must be [P, N, ...] "
                 f"with [P, N] = {tuple(valid.shape)}"
             )
-        caps = capacity.tolist()
-        wanted = budgets.tolist()
+        caps = list(layout.capacity_counts)
+        wanted = list(host_split([budgets])[0])
+        check_budget_values(wanted, caps, who)
         attention_counts, ratios = self._fixed_counts(caps, wanted, layout.tokens_per_partition)
         if self.count == "auto":
             attention_counts, ratios = self._attention_counts(scores, valid, batch_ratio)
@@ -395,24 +398,6 @@ class PruMerge(Selector):
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _checked_budgets(budgets: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
-    if (
-        not isinstance(budgets, torch.Tensor)
-        or budgets.dtype != torch.int64
-        or budgets.shape != capacity.shape
-    ):
-        raise ContractError(
-            f"budgets must be an int64 tensor of shape {tuple(capacity.shape)}, got "
-            f"{getattr(budgets, 'dtype', type(budgets))} {tuple(getattr(budgets, 'shape', ()))}"
-        )
-    budgets = budgets.to(capacity.device)
-    if bool((budgets < 0).any()) or bool((budgets > capacity).any()):
-        raise ContractError(
-            f"budgets {budgets.tolist()} must lie in [0, valid tokens per partition {capacity.tolist()}]"
-        )
-    return budgets
 
 
 register_preset(

@@ -180,26 +180,30 @@ def _seat_tables(
     positive = (raw > 0) & (c > 0)
     held = torch.tensor([h for _, _, h, _ in rows], dtype=torch.int64)
     target = torch.tensor([t for _, _, _, t in rows], dtype=torch.int64)
-    k = torch.arange(seats + 1, dtype=torch.int64)
-    zero_caps = torch.where(raw == 0, c, torch.zeros_like(c))
-    zero_h = held[:, None] + torch.minimum(zero_caps[:, None, :], k[None, :, None]).sum(dim=2)  # [R, K]
-    mask = positive[:, None, None, :]
+    n_rows = len(rows)
+    # Broadcast shapes (one view each; the host-side arithmetic stays a fixed set of ops).
+    k_seat = torch.arange(seats + 1, dtype=torch.int64).view(1, 1, seats + 1, 1)  # [1, 1, K, 1]
+    c_other = c.view(n_rows, 1, 1, size)  # c_j
+    mask = positive.view(n_rows, 1, 1, size)
+    zero_caps = torch.where(raw == 0, c, torch.zeros_like(c)).view(n_rows, 1, size)
+    zero_h = held.view(n_rows, 1) + torch.minimum(zero_caps, k_seat.view(1, seats + 1, 1)).sum(dim=2)  # [R, K]
     if integer is not None:
         w = padded(integer, torch.int64)
-        w_safe = torch.where(positive, w, torch.ones_like(w))
-        scaled = torch.minimum(c[:, None, None, :] * w_safe[:, :, None, None], k[None, None, :, None] * w[:, None, None, :])
+        w_safe = torch.where(positive, w, torch.ones_like(w)).view(n_rows, size, 1, 1)  # w_i
+        scaled = torch.minimum(c_other * w_safe, k_seat * w.view(n_rows, 1, 1, size))
         numerator = (scaled * mask).sum(dim=3)  # = w_i * H_i(k), exactly
-        floor_h = torch.div(numerator, w_safe[:, :, None], rounding_mode="floor")
-        ceil_h = -torch.div(-numerator, w_safe[:, :, None], rounding_mode="floor")
-        when = numerator.double() / w_safe[:, :, None].double()
+        divisor = w_safe.view(n_rows, size, 1)
+        floor_h = torch.div(numerator, divisor, rounding_mode="floor")
+        ceil_h = -torch.div(-numerator, divisor, rounding_mode="floor")
+        when = numerator.double() / divisor.double()
     else:
-        w_safe = torch.where(positive, raw, torch.ones_like(raw))
-        ratio = raw[:, None, None, :] / w_safe[:, :, None, None]
-        level = torch.minimum(c[:, None, None, :].double(), k[None, None, :, None].double() * ratio)
+        w_safe = torch.where(positive, raw, torch.ones_like(raw)).view(n_rows, size, 1, 1)
+        ratio = raw.view(n_rows, 1, 1, size) / w_safe
+        level = torch.minimum(c_other.double(), k_seat.double() * ratio)
         when = (level * mask).sum(dim=3)
         floor_h, ceil_h = torch.floor(when).long(), torch.ceil(when).long()
         near = (when - when.round()).abs() <= 1e-7 * when.clamp(min=1.0)
-        near &= (when <= target[:, None, None] + 1) & positive[:, :, None]  # later seats are never released
+        near &= (when <= target.view(n_rows, 1, 1) + 1) & positive.view(n_rows, size, 1)  # later seats are never released
         if bool(near.any()):
             for r, i, seat in torch.nonzero(near).tolist():
                 weights, caps = rows[r][0], rows[r][1]
@@ -209,16 +213,17 @@ def _seat_tables(
                     Fraction(0),
                 )
                 floor_h[r, i, seat], ceil_h[r, i, seat] = math.floor(exact), math.ceil(exact)
-    zero = ~positive[:, :, None]
-    floor_h = torch.where(zero, zero_h[:, None, :], floor_h)
-    ceil_h = torch.where(zero, zero_h[:, None, :], ceil_h)
-    when = torch.where(zero, zero_h[:, None, :].double(), when)
+    zero = ~positive.view(n_rows, size, 1)
+    zero_row = zero_h.view(n_rows, 1, seats + 1)
+    floor_h = torch.where(zero, zero_row, floor_h)
+    ceil_h = torch.where(zero, zero_row, ceil_h)
+    when = torch.where(zero, zero_row.double(), when)
     release, due, when = floor_h[..., :-1] + 1, ceil_h[..., 1:], when[..., 1:]  # seat k = 1..K
-    wanted = (k[None, None, 1:] <= c[:, :, None]) & (release <= target[:, None, None])
-    owner = torch.arange(size)[None, :, None].expand_as(release)
-    row = torch.arange(len(rows))[:, None, None].expand_as(release)
+    wanted = (k_seat.view(1, 1, seats + 1)[..., 1:] <= c.view(n_rows, size, 1)) & (release <= target.view(n_rows, 1, 1))
+    owner = torch.arange(size, dtype=torch.float64).view(1, size, 1).expand(release.shape)
+    row = torch.arange(n_rows, dtype=torch.float64).view(n_rows, 1, 1).expand(release.shape)
     # float64 holds every total and index exactly: one host read for all rows' seats
-    columns = [release.double(), due.double(), when, owner.double(), row.double()]
+    columns = [release.double(), due.double(), when, owner, row]
     table = torch.stack(columns, dim=-1)[wanted].tolist()
     out: list[list[tuple[int, int, float, int]]] = [[] for _ in rows]
     for r_, d_, t_, i_, row_ in table:
