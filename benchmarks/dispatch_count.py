@@ -26,6 +26,7 @@ from tokenprune.testing import count_dispatch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table
+
 from strategies import CROP_SIZE, LLAVA_NEXT_PINPOINTS, PATCH_SIZE, realistic_signals
 
 PAIRS = (

@@ -7,6 +7,7 @@ another's module.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -15,8 +16,9 @@ from typing import Literal
 import torch
 
 from tokenprune.budget import Rounding, apportion, apportion_many
+from tokenprune.contracts import BudgetAllocator, Layout, Signals
 
-__all__ = ["TilePlan", "solve_plans", "Overflow", "band_regions", "equal_shares", "exact_ratio", "floor_share", "split_thumbnail_tiles"]
+__all__ = ["BatchedAllocator", "Overflow", "TilePlan", "band_regions", "equal_shares", "exact_ratio", "floor_share", "read_rows", "solve_plans", "split_thumbnail_tiles", "upload"]
 
 #: What happens to tokens a partition cannot hold: handed to the others ("redistribute",
 #: water-filling) or dropped after clamping at capacity ("discard", the released code).
@@ -103,11 +105,34 @@ def equal_shares(capacity: Sequence[int], total: int, rounding: Rounding = "exac
     return shares
 
 
-def upload(values: Sequence[Sequence[int]], device: torch.device) -> list[torch.Tensor]:
-    """Per-image host budgets as int64 tensors on ``device``: one transfer for the batch."""
+def upload(
+    values: Sequence[tuple[int, ...]], layouts: Sequence[Layout]
+) -> tuple[list[torch.Tensor], list[tuple[int, ...]]]:
+    """Per-image host budgets as int64 tensors on the layouts' device (one transfer for the
+    batch), with the host copies: what :meth:`BudgetAllocator.allocate_counted` returns."""
+    device = layouts[0].valid.device if layouts else torch.device("cpu")
     sizes = [len(v) for v in values]
     flat = torch.tensor([x for v in values for x in v], dtype=torch.int64, device=device)
-    return list(torch.split(flat, sizes))
+    return list(torch.split(flat, sizes)), list(values)
+
+
+class BatchedAllocator(BudgetAllocator):
+    """A built-in allocator: the whole batch in :meth:`allocate_counted`; the per-image and
+    per-batch entry points are that one pass."""
+
+    def allocate(self, layout: Layout, signals: Signals, total: int) -> torch.Tensor:
+        return self.allocate_batch([layout], [signals], [total])[0]
+
+    def allocate_batch(
+        self, layouts: Sequence[Layout], signals: Sequence[Signals], totals: Sequence[int]
+    ) -> list[torch.Tensor]:
+        return self.allocate_counted(layouts, signals, totals)[0]
+
+    @abstractmethod
+    def allocate_counted(
+        self, layouts: Sequence[Layout], signals: Sequence[Signals], totals: Sequence[int]
+    ) -> tuple[list[torch.Tensor], list[tuple[int, ...]]]:
+        """Budgets of every image and their host copies, in one pass over the batch."""
 
 
 def read_rows(rows: Sequence[torch.Tensor | None]) -> list[list[float] | None]:

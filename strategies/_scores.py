@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
 
 from tokenprune.budget import check_budget_tensor, check_budget_values, host_split
-from tokenprune.contracts import Layout, finite_or_raise
+from tokenprune.contracts import Layout, Selection, Selector, Signals, finite_or_raise
 from tokenprune.errors import ConfigError, ContractError
 
-__all__ = ["reduce_heads", "topk_per_partition", "topk_batch", "mean_attention", "attention_order", "host_budgets"]
+__all__ = ["BatchedSelector", "attention_order", "host_budgets", "mean_attention", "reduce_heads", "topk_batch", "topk_per_partition"]
 
 HeadReduction = Literal["sum", "mean"]
 
@@ -111,3 +112,27 @@ class _Rows:
 
     def __init__(self, valid: torch.Tensor) -> None:
         self.valid = valid
+
+
+class BatchedSelector(Selector):
+    """A built-in selector: the whole batch in :meth:`select_counted` (host budgets given);
+    the per-image and per-batch entry points read the budgets once, then make that pass."""
+
+    def select(self, layout: Layout, signals: Signals, budgets: torch.Tensor) -> Selection:
+        return self.select_batch([layout], [signals], [budgets])[0]
+
+    def select_batch(
+        self, layouts: Sequence[Layout], signals: Sequence[Signals], budgets: Sequence[torch.Tensor]
+    ) -> list[Selection]:
+        counts = host_budgets(budgets, layouts, f"selector {self.registry_name or type(self).__name__!r}")
+        return self.select_counted(layouts, signals, budgets, counts)
+
+    @abstractmethod
+    def select_counted(
+        self,
+        layouts: Sequence[Layout],
+        signals: Sequence[Signals],
+        budgets: Sequence[torch.Tensor],
+        counts: Sequence[tuple[int, ...]],
+    ) -> list[Selection]:
+        """Selections of every image, sized by the host ``counts``."""

@@ -7,16 +7,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from tokenprune.strategies._scores import BatchedSelector, reduce_heads, topk_batch
 
-from tokenprune import Layout, Needs, Selection, Selector, Signals, register_selector
-from tokenprune.strategies._scores import host_budgets, reduce_heads, topk_batch
+from tokenprune import Layout, Needs, Selection, Signals, register_selector
 
 __all__ = ["ClsFinal"]
 
 
 @register_selector("cls_final")
 @dataclass(frozen=True)
-class ClsFinal(Selector):
+class ClsFinal(BatchedSelector):
     """Top-b tokens by the CLS attention of one late block, heads summed (HiRED).
 
     Each partition keeps the ``budgets[p]`` valid tokens that the CLS token of block
@@ -50,15 +50,6 @@ class ClsFinal(Selector):
     @property
     def needs(self) -> Needs:
         return Needs(cls_attention={self.final_layer})
-
-    def select(self, layout: Layout, signals: Signals, budgets: torch.Tensor) -> Selection:
-        return self.select_batch([layout], [signals], [budgets])[0]
-
-    def select_batch(
-        self, layouts: Sequence[Layout], signals: Sequence[Signals], budgets: Sequence[torch.Tensor]
-    ) -> list[Selection]:
-        counts = host_budgets(budgets, layouts, f"selector {self.registry_name!r}")
-        return self.select_counted(layouts, signals, budgets, counts)
 
     def select_counted(
         self,

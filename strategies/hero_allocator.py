@@ -6,9 +6,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from tokenprune.strategies._budget import (
+    BatchedAllocator,
+    Overflow,
+    TilePlan,
+    read_rows,
+    solve_plans,
+    upload,
+)
 
 from tokenprune import (
-    BudgetAllocator,
     ConfigError,
     Layout,
     Needs,
@@ -17,14 +24,13 @@ from tokenprune import (
     register_preset,
 )
 from tokenprune.budget import Rounding
-from tokenprune.strategies._budget import Overflow, TilePlan, read_rows, solve_plans, upload
 
 __all__ = ["HeroAllocator"]
 
 
 @register_allocator("hero")
 @dataclass(frozen=True)
-class HeroAllocator(BudgetAllocator):
+class HeroAllocator(BatchedAllocator):
     """HERO: thumbnail keeps ratio R; tiles split the rest by CLS similarity and prompt relevance.
 
     HERO ("Token Budgeting", Eqs. 1-4): with R = total / (P * N) the image's retention
@@ -136,14 +142,6 @@ class HeroAllocator(BudgetAllocator):
         return self.density_weight * density + (1.0 - self.density_weight) * mixed.to(device)
 
     # ------------------------------------------------------------------ allocate
-    def allocate(self, layout: Layout, signals: Signals, total: int) -> torch.Tensor:
-        return self.allocate_batch([layout], [signals], [total])[0]
-
-    def allocate_batch(
-        self, layouts: Sequence[Layout], signals: Sequence[Signals], totals: Sequence[int]
-    ) -> list[torch.Tensor]:
-        return self.allocate_counted(layouts, signals, totals)[0]
-
     def allocate_counted(
         self, layouts: Sequence[Layout], signals: Sequence[Signals], totals: Sequence[int]
     ) -> tuple[list[torch.Tensor], list[tuple[int, ...]]]:
@@ -159,8 +157,7 @@ class HeroAllocator(BudgetAllocator):
         plans = [self._plan(layout, weights, total) for layout, weights, total in zip(layouts, read_rows(weighed), totals)]
         thumbnail_capacity = [layout.capacity_counts[0] for layout in layouts]
         values = [tuple(v) for v in solve_plans(plans, totals, thumbnail_capacity, self.rounding)]
-        device = layouts[0].valid.device if layouts else torch.device("cpu")
-        return upload(values, device), values
+        return upload(values, layouts)
 
     def _plan(self, layout: Layout, weights: list[float] | None, total: int) -> TilePlan | list[int]:
         capacity = list(layout.capacity_counts)

@@ -6,25 +6,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from tokenprune.strategies._scores import BatchedSelector, topk_batch
 
 from tokenprune import (
     ConfigError,
     Layout,
     Needs,
     Selection,
-    Selector,
     Signals,
     register_preset,
     register_selector,
 )
-from tokenprune.strategies._scores import host_budgets, topk_batch
 
 __all__ = ["HeroSelector"]
 
 
 @register_selector("hero")
 @dataclass(frozen=True)
-class HeroSelector(Selector):
+class HeroSelector(BatchedSelector):
     """Top-b tokens by head-averaged CLS attention: high layers on the thumbnail, low on tiles (HERO).
 
     HERO ("HERO: Rethinking Visual Token Early Dropping in High-Resolution Large
@@ -105,15 +104,6 @@ class HeroSelector(Selector):
             total = per_layer if total is None else total + per_layer
         assert total is not None  # check() guarantees at least one layer
         return total / len(layers)
-
-    def select(self, layout: Layout, signals: Signals, budgets: torch.Tensor) -> Selection:
-        return self.select_batch([layout], [signals], [budgets])[0]
-
-    def select_batch(
-        self, layouts: Sequence[Layout], signals: Sequence[Signals], budgets: Sequence[torch.Tensor]
-    ) -> list[Selection]:
-        counts = host_budgets(budgets, layouts, f"selector {self.registry_name!r}")
-        return self.select_counted(layouts, signals, budgets, counts)
 
     def select_counted(
         self,

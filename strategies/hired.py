@@ -7,18 +7,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-
-from tokenprune import (
-    BudgetAllocator,
-    ConfigError,
-    Layout,
-    Needs,
-    Signals,
-    register_allocator,
-    register_preset,
-)
-from tokenprune.budget import Rounding
 from tokenprune.strategies._budget import (
+    BatchedAllocator,
     Overflow,
     TilePlan,
     band_regions,
@@ -31,11 +21,21 @@ from tokenprune.strategies._budget import (
 )
 from tokenprune.strategies._scores import reduce_heads
 
+from tokenprune import (
+    ConfigError,
+    Layout,
+    Needs,
+    Signals,
+    register_allocator,
+    register_preset,
+)
+from tokenprune.budget import Rounding
+
 __all__ = ["HiredAllocator", "Overflow", "band_regions", "split_thumbnail_tiles"]  # the last three: from _budget
 
 @register_allocator("hired")
 @dataclass(frozen=True)
-class HiredAllocator(BudgetAllocator):
+class HiredAllocator(BatchedAllocator):
     """HiRED: thumbnail gets share alpha; tiles split the rest by the thumbnail's early CLS attention.
 
     HiRED (Arif et al., AAAI 2025, "Token Budget Allocation", Algorithm 1 and Eq. 1):
@@ -135,14 +135,6 @@ class HiredAllocator(BudgetAllocator):
         return regions.double() @ content
 
     # ------------------------------------------------------------------ allocate
-    def allocate(self, layout: Layout, signals: Signals, total: int) -> torch.Tensor:
-        return self.allocate_batch([layout], [signals], [total])[0]
-
-    def allocate_batch(
-        self, layouts: Sequence[Layout], signals: Sequence[Signals], totals: Sequence[int]
-    ) -> list[torch.Tensor]:
-        return self.allocate_counted(layouts, signals, totals)[0]
-
     def allocate_counted(
         self, layouts: Sequence[Layout], signals: Sequence[Signals], totals: Sequence[int]
     ) -> tuple[list[torch.Tensor], list[tuple[int, ...]]]:
@@ -159,8 +151,7 @@ class HiredAllocator(BudgetAllocator):
         plans = [self._plan(layout, weights, total) for layout, weights, total in zip(layouts, read_rows(weighed), totals)]
         thumbnail_capacity = [layout.capacity_counts[0] for layout in layouts]
         values = [tuple(v) for v in solve_plans(plans, totals, thumbnail_capacity, self.rounding)]
-        device = layouts[0].valid.device if layouts else torch.device("cpu")
-        return upload(values, device), values
+        return upload(values, layouts)
 
     def _plan(self, layout: Layout, weights: list[float] | None, total: int) -> TilePlan | list[int]:
         capacity = list(layout.capacity_counts)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from tokenprune.strategies._scores import attention_order, reduce_heads
 
 from tokenprune import (
     ConfigError,
@@ -22,7 +23,6 @@ from tokenprune import (
 )
 from tokenprune.budget import check_budget_tensor, check_budget_values, host_split
 from tokenprune.contracts import finite_or_raise
-from tokenprune.strategies._scores import attention_order, reduce_heads
 
 __all__ = ["PruMerge", "batch_outlier_ratio", "iqr_upper_fences", "outlier_counts"]
 
@@ -274,7 +274,6 @@ class PruMerge(Selector):
     ) -> Selection:
         device = scores.device
         valid = layout.valid.to(device)
-        capacity = valid.sum(dim=1)
         who = f"selector {self.registry_name or type(self).__name__}"
         check_budget_tensor(budgets, layout.num_partitions, who, int64=True)
         features = signals.features

@@ -8,10 +8,10 @@ from functools import lru_cache
 from typing import Literal
 
 import torch
-
-from tokenprune import ConfigError, register_preset, register_selector
 from tokenprune.strategies._scores import attention_order
 from tokenprune.strategies.prumerge import PruMerge
+
+from tokenprune import ConfigError, register_preset, register_selector
 
 __all__ = ["PruMergePlus", "attention_part", "bisection_order", "spatial_order", "stride_points"]
 

@@ -9,17 +9,16 @@ from fractions import Fraction
 from typing import ClassVar, Literal
 
 import torch
+from tokenprune.strategies._scores import BatchedSelector
 
 from tokenprune import (
     Layout,
     Needs,
     Selection,
-    Selector,
     Signals,
     register_preset,
     register_selector,
 )
-from tokenprune.strategies._scores import host_budgets
 
 __all__ = ["Spatial"]
 
@@ -28,7 +27,7 @@ SpatialMode = Literal["sample", "pool", "stride"]
 
 @register_selector("spatial")
 @dataclass(frozen=True)
-class Spatial(Selector):
+class Spatial(BatchedSelector):
     """Spatial baseline: an even 2-D lattice of valid tokens (or its average pooling), no scores.
 
     The content-blind baseline of HiRED's comparison (Arif et al., AAAI 2025, §5, Table 3,
@@ -90,10 +89,6 @@ class Spatial(Selector):
     @property
     def needs(self) -> Needs:
         return Needs(features=True) if self.mode == "pool" else Needs()
-
-    def select(self, layout: Layout, signals: Signals, budgets: torch.Tensor) -> Selection:
-        values = host_budgets([budgets], [layout], "selector 'spatial'")[0]
-        return self._select(layout, signals, values)
 
     def select_counted(
         self,

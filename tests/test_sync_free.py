@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tokenprune.adapters.llava_next_partitioner import LlavaNextPartitioner
 
 import tokenprune as tp
 from tokenprune import testing as tpt
-from tokenprune.adapters.llava_next_partitioner import LlavaNextPartitioner
 
 PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 #: (height, width): 2x2, 1x2, 2x1, 1x3, 3x1 grids and padded in-betweens.

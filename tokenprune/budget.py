@@ -45,7 +45,7 @@ import torch
 
 from .errors import BudgetError, ConfigError, ContractError
 
-__all__ = ["apportion", "apportion_many", "quota", "Budget", "parse_budget", "Rounding", "check_budget_tensor", "check_budget_values", "host_split"]
+__all__ = ["Budget", "Rounding", "apportion", "apportion_many", "check_budget_tensor", "check_budget_values", "host_split", "parse_budget", "quota"]
 
 Rounding = Literal["exact", "floor"]
 _ROUNDINGS = ("exact", "floor")

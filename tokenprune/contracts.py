@@ -29,15 +29,15 @@ from .errors import ContractError, SignalError
 from .options import check_option_types
 
 __all__ = [
-    "Layout",
-    "Needs",
-    "Signals",
-    "Selection",
-    "Partitioner",
+    "Adapter",
     "AttentionTap",
     "BudgetAllocator",
+    "Layout",
+    "Needs",
+    "Partitioner",
+    "Selection",
     "Selector",
-    "Adapter",
+    "Signals",
     "validating",
     "validation",
 ]
@@ -821,7 +821,7 @@ class Adapter(_Configurable, ABC):
     #: Model classes this adapter accepts (names, so no import is needed to check).
     model_classes: ClassVar[tuple[str, ...]] = ()
 
-    def check_parts(self, allocator: BudgetAllocator, selector: Selector) -> None:  # noqa: B027
+    def check_parts(self, allocator: BudgetAllocator, selector: Selector) -> None:
         """Raise :class:`~tokenprune.IncompatibleError` if the strategies cannot run here."""
 
 

@@ -20,7 +20,13 @@ from typing import Any
 
 import torch
 
-from .budget import Budget, check_budget_tensor, check_budget_values, host_split, parse_budget
+from .budget import (
+    Budget,
+    check_budget_tensor,
+    check_budget_values,
+    host_split,
+    parse_budget,
+)
 from .contracts import (
     Adapter,
     BudgetAllocator,
@@ -35,7 +41,7 @@ from .contracts import (
 from .errors import ConfigError, ContractError
 from .registry import ADAPTERS, ALLOCATORS, SELECTORS, Registry
 
-__all__ = ["Pipeline", "PruneResult", "ImageStats"]
+__all__ = ["ImageStats", "Pipeline", "PruneResult"]
 
 _PARTS = ("adapter", "allocator", "selector")
 
@@ -123,7 +129,7 @@ class Pipeline:
         *,
         allocator: str | Mapping[str, Any] | BudgetAllocator,
         selector: str | Mapping[str, Any] | Selector,
-        budget: float | int | str | Budget,
+        budget: float | str | Budget,
         adapter_options: Mapping[str, Any] | None = None,
         allocator_options: Mapping[str, Any] | None = None,
         selector_options: Mapping[str, Any] | None = None,

@@ -28,13 +28,13 @@ from .contracts import BudgetAllocator, Layout, Needs, Selection, Selector, Sign
 
 __all__ = [
     "Case",
-    "layouts",
+    "DispatchCount",
     "cases",
     "check_allocator",
-    "check_selector",
     "check_selection_contract",
+    "check_selector",
     "count_dispatch",
-    "DispatchCount",
+    "layouts",
 ]
 
 
