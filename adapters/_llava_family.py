@@ -20,27 +20,36 @@ transformers is imported lazily: importing this module stays cheap.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
+import threading
 from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tokenprune.contracts import Adapter, BudgetAllocator, Layout, Selection, Selector, Signals
+from tokenprune.adapter import ImageTokens, OrderedTokens, VLMAdapter
+from tokenprune.contracts import BudgetAllocator, Layout, Selector, Signals
 from tokenprune.errors import ConfigError, IncompatibleError, TokenpruneError
+from tokenprune.tower import prune_batch
 
 if TYPE_CHECKING:
     from tokenprune.pipeline import Pipeline
 
-__all__ = ["LlavaFamilyAdapter", "ImageTokens", "LlavaImageStats"]
+__all__ = ["ImageTokens", "LlavaFamilyAdapter", "LlavaImageStats"]
 
 _MISSING = object()
 #: Relevance scorers loaded from spec strings, shared by every adapter instance.
 _SCORERS: dict[str, Any] = {}
+#: ids of the processors and models an ``attach`` context currently wraps (one at a time each).
+_ATTACHED: set[int] = set()
+_ATTACH_LOCK = threading.Lock()
+#: The old private name of :class:`tokenprune.OrderedTokens`.
+_Ordered = OrderedTokens
 
 
 @dataclass(frozen=True)
@@ -74,24 +83,6 @@ class LlavaImageStats:
         }
 
 
-@dataclass(frozen=True, eq=False)
-class ImageTokens:
-    """One image after pruning: the LLM-space embeddings, in order, and how they came about."""
-
-    embeddings: torch.Tensor
-    layout: Layout
-    selection: Selection
-    stats: LlavaImageStats
-
-
-@dataclass(frozen=True)
-class _Ordered:
-    """Kept vision-space tokens of one image in LLM order, and where newlines follow."""
-
-    tokens: torch.Tensor
-    newline_after: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
-
-
 def _class_names(obj: object) -> list[str]:
     return [cls.__name__ for cls in type(obj).__mro__]
 
@@ -100,11 +91,8 @@ def _strip_image_tokens(text: str, image_token: str) -> str:
     return " ".join(text.replace(image_token, " ").split())
 
 
-class LlavaFamilyAdapter(Adapter):
+class LlavaFamilyAdapter(VLMAdapter):
     """Shared machinery; subclasses describe their processor geometry and token order."""
-
-    #: Processor classes this adapter accepts.
-    processor_classes: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ family hooks
     @abstractmethod
@@ -117,9 +105,11 @@ class LlavaFamilyAdapter(Adapter):
     ) -> tuple[list[torch.Tensor], list[Layout], list[Any]]:
         """Per image: its crops ``[P, 3, H, W]``, its Layout, and family geometry (or None)."""
 
-    @abstractmethod
-    def _order(self, layout: Layout, geometry: Any, selection: Selection, features: torch.Tensor) -> _Ordered:
-        """Kept tokens of one image (vision space) in the order the LLM reads them."""
+    def project(self, model: Any, tokens: torch.Tensor) -> torch.Tensor:
+        """The model's ``multi_modal_projector`` on the ordered kept tokens."""
+        projector = getattr(model, "model", model).multi_modal_projector
+        with torch.inference_mode():
+            return projector(tokens[None])[0]
 
     @abstractmethod
     def _stock_image_tokens(self, layout: Layout, geometry: Any) -> int:
@@ -213,8 +203,8 @@ class LlavaFamilyAdapter(Adapter):
         from tokenprune.adapters.taps import check_needs, tap_for
 
         tap = tap_for(self._tower(model))
-        check_needs(tap, pipeline.allocator.needs, f"allocator {pipeline._part_label('allocator')}")
-        check_needs(tap, pipeline.selector.needs, f"selector {pipeline._part_label('selector')}")
+        check_needs(tap, pipeline.allocator.needs, f"allocator {pipeline.part_label('allocator')}")
+        check_needs(tap, pipeline.selector.needs, f"selector {pipeline.part_label('selector')}")
         needs = pipeline.needs
         scorer = self._scorer() if needs.relevance else None
         if scorer is not None:
@@ -229,7 +219,11 @@ class LlavaFamilyAdapter(Adapter):
                 "give the adapter a scorer: relevance_scorer='hf:/path/to/clip' (a local CLIPModel "
                 "checkpoint), 'open_clip:MODEL_NAME:/path/to/weights', or a RelevanceScorer instance"
             )
-        from tokenprune.adapters.relevance import HFClipScorer, OpenClipScorer, RelevanceScorer
+        from tokenprune.adapters.relevance import (
+            HFClipScorer,
+            OpenClipScorer,
+            RelevanceScorer,
+        )
 
         if isinstance(spec, RelevanceScorer):
             return spec
@@ -261,55 +255,66 @@ class LlavaFamilyAdapter(Adapter):
     ) -> list[ImageTokens]:
         """Tower once (with the tap), allocate, select, order and project, per image."""
         crops, layouts, geometries = self._crops_and_layouts(model, processor, pixel_values, image_sizes)
+        if len(prompts) != len(layouts):
+            raise ConfigError(
+                f"pixel_values hold {len(layouts)} image(s) but {len(prompts)} were given; pass one "
+                "image per image token (a list of images, not one stacked batch tensor)"
+            )
         tap, needs = self._tap(pipeline, model)
         tower = tap.tower
         parameter = next(tower.parameters())
         batch = torch.cat(crops).to(device=parameter.device, dtype=parameter.dtype)
-        feature_layer = model.config.vision_feature_layer
-        with torch.inference_mode(), tap.capture(needs, feature_layer=feature_layer) as record:
-            tower(batch)
-        everything = record.signals()
-        signals: list[Signals] = []
-        start = 0
-        image_mean, image_std = self._pixel_stats(processor)
-        for crop, prompt in zip(crops, prompts):
-            part = everything.partitions(slice(start, start + crop.shape[0]))
-            if needs.relevance:
-                relevance = self._scorer().score(
-                    batch[start : start + crop.shape[0]],
-                    prompt or "",
-                    pixel_mean=image_mean,
-                    pixel_std=image_std,
-                    tower=tower,
-                    tower_cls=part.cls_embedding.get(tap.num_layers - 1),
-                )
-                part = _with_relevance(part, relevance, prompt)
-            signals.append(part)
-            start += crop.shape[0]
-        results = pipeline.apply_batch(layouts, signals)
-        newline = self._newline_embedding(model)
-        projector = getattr(model, "model", model).multi_modal_projector
-        images = []
-        for layout, geometry, signal, result in zip(layouts, geometries, signals, results):
-            kept = _kept_features(signal.features, result.selection)
-            ordered = self._order(layout, geometry, result.selection, kept)
+
+        def forward() -> None:
             with torch.inference_mode():
-                embeddings = projector(ordered.tokens[None])[0]
+                tower(batch)
+
+        annotate = self._relevance_hook(processor, tap, batch, crops, prompts) if needs.relevance else None
+        pruned = prune_batch(
+            pipeline, tap, forward, layouts, feature_layer=model.config.vision_feature_layer, needs=needs, annotate=annotate
+        )
+        newline = self._newline_embedding(model)
+        images = []
+        for image, geometry in zip(pruned, geometries):
+            layout, stats = image.layout, image.result.stats
+            ordered = self.order_tokens(layout, geometry, image.selection, image.kept)
+            embeddings = self.project(model, ordered.tokens)
             if ordered.newline_after.numel():
                 embeddings = _insert_rows(embeddings, ordered.newline_after, newline)
-            stats = LlavaImageStats(
+            image_stats = LlavaImageStats(
                 image_size=layout.image_size,
-                partitions=result.stats.partitions,
-                full_tokens=result.stats.full_tokens,
+                partitions=stats.partitions,
+                full_tokens=stats.full_tokens,
                 stock_image_tokens=self._stock_image_tokens(layout, geometry),
-                budget=result.stats.budget,
-                allocated=result.stats.allocated,
-                kept=result.stats.kept,
+                budget=stats.budget,
+                allocated=stats.allocated,
+                kept=stats.kept,
                 newline_tokens=int(ordered.newline_after.numel()),
                 image_tokens=int(embeddings.shape[0]),
             )
-            images.append(ImageTokens(embeddings, layout, result.selection, stats))
+            images.append(ImageTokens(embeddings, layout, image.selection, image_stats, geometry))
         return images
+
+    def _relevance_hook(
+        self, processor: Any, tap: Any, batch: torch.Tensor, crops: list[torch.Tensor], prompts: Sequence[str | None]
+    ) -> Any:
+        """Per image: its crops' prompt relevance from the scorer (reusing the tower's CLS)."""
+        scorer = self._scorer()
+        image_mean, image_std = self._pixel_stats(processor)
+        starts = torch.tensor([0] + [crop.shape[0] for crop in crops]).cumsum(0).tolist()
+
+        def annotate(index: int, signals: Signals) -> Signals:
+            relevance = scorer.score(
+                batch[starts[index] : starts[index + 1]],
+                prompts[index] or "",
+                pixel_mean=image_mean,
+                pixel_std=image_std,
+                tower=tap.tower,
+                tower_cls=signals.cls_embedding.get(tap.num_layers - 1),
+            )
+            return dataclasses.replace(signals, relevance=relevance.to(torch.float32), prompt=prompts[index])
+
+        return annotate
 
     @staticmethod
     def _pixel_stats(processor: Any) -> tuple[Any, Any]:
@@ -362,30 +367,48 @@ class LlavaFamilyAdapter(Adapter):
         pruned = self.prune_pixels(
             pipeline, model, processor, inputs["pixel_values"], inputs.get("image_sizes"), prompts
         )
-        expanded = _expand_placeholders(processor, texts, [image_token * p.stats.image_tokens for p in pruned])
+        generate_kwargs = self.place(model, processor, texts, pruned, **tokenizer_kwargs)
+        lengths = generate_kwargs["attention_mask"].sum(dim=1).tolist()
+        pipeline.record_images(
+            [
+                dataclasses.replace(image, stats=_with_prefill(image.stats, int(lengths[row])))
+                for row in range(len(texts))
+                for image in _images_of(pruned, counts, row)
+            ]
+        )
+        return generate_kwargs
+
+    def place(
+        self, model: Any, processor: Any, texts: list[str], images: Sequence[ImageTokens], **tokenizer_kwargs: Any
+    ) -> dict[str, Any]:
+        """``input_ids`` with ``K`` image placeholders per image (left padding) and the
+        projected embeddings as ``mm_encoder_outputs`` (transformers 5)."""
+        image_token = processor.image_token
+        counts = [t.count(image_token) for t in texts]
+        expanded = _expand_placeholders(processor, texts, [image_token * image.embeddings.shape[0] for image in images])
         tokenizer_kwargs.setdefault("padding", True)
         tokenizer_kwargs.setdefault("padding_side", "left")
         tokenized = processor.tokenizer(expanded, return_tensors="pt", **tokenizer_kwargs)
         input_ids, attention_mask = tokenized["input_ids"], tokenized["attention_mask"]
         placeholders = (input_ids == model.config.image_token_id).sum(dim=1)
-        expected = torch.tensor([sum(p.stats.image_tokens for p in _images_of(pruned, counts, row)) for row in range(len(texts))])
+        expected = torch.tensor(
+            [sum(int(image.embeddings.shape[0]) for image in _images_of(list(images), counts, row)) for row in range(len(texts))]
+        )
         if not torch.equal(placeholders, expected):
+            if tokenizer_kwargs.get("truncation") not in (None, False, "do_not_truncate"):
+                raise ConfigError(
+                    f"truncation={tokenizer_kwargs['truncation']!r} (max_length="
+                    f"{tokenizer_kwargs.get('max_length')!r}) cut image placeholders: the texts keep "
+                    f"{placeholders.tolist()} of {expected.tolist()}; raise max_length or drop truncation"
+                )
             raise TokenpruneError(
                 f"the tokenizer produced {placeholders.tolist()} image placeholders per text, expected "
                 f"{expected.tolist()}: the image token {image_token!r} must be a single special token"
             )
-        lengths = attention_mask.sum(dim=1).tolist()
-        pipeline._record(
-            [
-                ImageTokens(image.embeddings, image.layout, image.selection, _with_prefill(image.stats, int(lengths[row])))
-                for row in range(len(texts))
-                for image in _images_of(pruned, counts, row)
-            ]
-        )
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         device = next(model.parameters()).device
-        embeddings = tuple(p.embeddings.to(device) for p in pruned)
+        embeddings = tuple(image.embeddings.to(device) for image in images)
         return {
             "input_ids": input_ids.to(device),
             "attention_mask": attention_mask.to(device),
@@ -444,7 +467,7 @@ class LlavaFamilyAdapter(Adapter):
             count = pixel_values.shape[0]
             prompts = recent_prompts if len(recent_prompts) == count else [None] * count
             pruned = adapter.prune_pixels(pipeline, model, processor, pixel_values, image_sizes, prompts)
-            pipeline._record(pruned)
+            pipeline.record_images(pruned)
             return BaseModelOutputWithPooling(pooler_output=tuple(p.embeddings for p in pruned))
 
         wrappers = {
@@ -452,17 +475,18 @@ class LlavaFamilyAdapter(Adapter):
             (processor, "get_text_with_replacements"): get_text_with_replacements,
             (base, "get_image_features"): get_image_features,
         }
-        saved = {key: key[0].__dict__.get(key[1], _MISSING) for key in wrappers}
-        for (owner, name), wrapper in wrappers.items():
-            setattr(owner, name, wrapper)
-        try:
-            yield
-        finally:
-            for (owner, name), previous in saved.items():
-                if previous is _MISSING:
-                    owner.__dict__.pop(name, None)
-                else:
-                    setattr(owner, name, previous)
+        with _exclusive(processor, base):
+            saved = {key: key[0].__dict__.get(key[1], _MISSING) for key in wrappers}
+            for (owner, name), wrapper in wrappers.items():
+                setattr(owner, name, wrapper)
+            try:
+                yield
+            finally:
+                for (owner, name), previous in saved.items():
+                    if previous is _MISSING:
+                        owner.__dict__.pop(name, None)
+                    else:
+                        setattr(owner, name, previous)
 
     @abstractmethod
     def _layout_for_size(
@@ -474,6 +498,27 @@ class LlavaFamilyAdapter(Adapter):
 # ---------------------------------------------------------------------------- helpers
 
 
+@contextmanager
+def _exclusive(*owners: Any) -> Iterator[None]:
+    """One ``attach`` at a time per processor and model (any thread): wrappers saved and
+    restored by overlapping contexts would leave one installed after every context exits."""
+    keys = {id(owner) for owner in owners}
+    with _ATTACH_LOCK:
+        busy = [type(owner).__name__ for owner in owners if id(owner) in _ATTACHED]
+        if busy:
+            raise ConfigError(
+                f"this {' and '.join(busy)} is already inside a Pipeline.attach context (this thread or "
+                "another); attach one pipeline at a time per model and processor, or use "
+                "Pipeline.prepare, which wraps nothing"
+            )
+        _ATTACHED.update(keys)
+    try:
+        yield
+    finally:
+        with _ATTACH_LOCK:
+            _ATTACHED.difference_update(keys)
+
+
 def _as_list(images: Any, what: str) -> list[Any]:
     """Images as a flat list; nested lists (one list per prompt, HF's batching) are flattened."""
     if images is None:
@@ -482,30 +527,15 @@ def _as_list(images: Any, what: str) -> list[Any]:
         flat = [image for item in images for image in (item if isinstance(item, (list, tuple)) else [item])]
         if not flat:
             raise ConfigError(f"{what} is an empty list")
-        return flat
-    return [images]
-
-
-def _with_relevance(signals: Signals, relevance: torch.Tensor, prompt: str | None) -> Signals:
-    return Signals(
-        features=signals.features,
-        cls_attention=signals.cls_attention,
-        wide_cls_attention=signals.wide_cls_attention,
-        cls_embedding=signals.cls_embedding,
-        keys=signals.keys,
-        relevance=relevance.to(torch.float32),
-        prompt=prompt,
-        num_layers=signals.num_layers,
-    )
-
-
-def _kept_features(features: torch.Tensor | None, selection: Selection) -> list[torch.Tensor]:
-    """Per partition, the rows the LLM gets (merged ones when the selector merged)."""
-    if selection.features is not None:
-        return list(selection.features)
-    if features is None:
-        raise TokenpruneError("no features were recorded for the kept tokens")
-    return [features[p, idx.to(features.device)] for p, idx in enumerate(selection.indices)]
+    else:
+        flat = [images]
+    for index, image in enumerate(flat):
+        if getattr(image, "ndim", 0) > 3:
+            raise ConfigError(
+                f"{what}[{index}] is a {image.ndim}-D array of shape {tuple(image.shape)}, a stacked batch; "
+                "pass a list with one image per image token (a PIL image or a [C, H, W] / [H, W, C] array)"
+            )
+    return flat
 
 
 def _insert_rows(embeddings: torch.Tensor, after: torch.Tensor, row: torch.Tensor | None) -> torch.Tensor:
@@ -533,7 +563,7 @@ def _expand_placeholders(processor: Any, texts: list[str], replacements: list[st
     return ["".join(part + (next(queue) if i < t.count(token) else "") for i, part in enumerate(t.split(token))) for t in texts]
 
 
-def _images_of(pruned: list[ImageTokens], counts: list[int], row: int) -> list[ImageTokens]:
+def _images_of(pruned: Sequence[ImageTokens], counts: list[int], row: int) -> list[ImageTokens]:
     start = sum(counts[:row])
     return pruned[start : start + counts[row]]
 

@@ -7,18 +7,20 @@ Both run ``LlavaForConditionalGeneration``. The image is one square crop; its to
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from tokenprune.contracts import Layout, Selection
+from tokenprune.adapter import OrderedTokens
+from tokenprune.contracts import Layout, Partitioner, Selection
 from tokenprune.errors import ConfigError, IncompatibleError
 from tokenprune.registry import register_adapter
 
-from ._llava_family import LlavaFamilyAdapter, _Ordered
+from ._llava_family import LlavaFamilyAdapter
 
-__all__ = ["LlavaAdapter", "ShareGPT4VAdapter"]
+__all__ = ["LlavaAdapter", "ShareGPT4VAdapter", "SingleCropPartitioner"]
 
 
 def _tokens_per_side(model: Any) -> int:
@@ -40,6 +42,18 @@ def _crop_size(processor: Any) -> tuple[int, int] | None:
     if hasattr(size, "height") and getattr(size, "height", None) is not None:
         return int(size.height), int(size.width)
     return None
+
+
+@dataclass(frozen=True)
+class SingleCropPartitioner(Partitioner):
+    """One partition of ``tokens_per_side`` x ``tokens_per_side`` tokens, whatever the image size."""
+
+    tokens_per_side: int
+
+    def layout(self, image_size: tuple[int, int] | None) -> Layout:
+        base = Layout.single(self.tokens_per_side)
+        size = tuple(int(v) for v in image_size) if image_size is not None else None
+        return Layout(self.tokens_per_side, (0, 0), False, base.valid, None, size)  # type: ignore[arg-type]
 
 
 @register_adapter("llava")
@@ -93,18 +107,20 @@ class LlavaAdapter(LlavaFamilyAdapter):
     ) -> tuple[list[torch.Tensor], list[Layout], list[Any]]:
         if pixel_values.dim() != 4:
             raise ConfigError(f"LLaVA pixel_values must be [B, 3, H, W], got {tuple(pixel_values.shape)}")
-        side = _tokens_per_side(model)
+        partitioner = self.partitioner(model)
         crops = list(pixel_values.split(1))
         sizes = list(image_sizes) if image_sizes is not None else [None] * len(crops)
-        layouts = []
-        for size in sizes:
-            base = Layout.single(side)
-            image_size = tuple(int(v) for v in size) if size is not None else None
-            layouts.append(Layout(side, (0, 0), False, base.valid, None, image_size))  # type: ignore[arg-type]
-        return crops, layouts, [None] * len(crops)
+        if len(sizes) != len(crops):
+            raise ConfigError(f"pixel_values hold {len(crops)} images but {len(sizes)} image sizes were given")
+        return crops, [partitioner.layout(size) for size in sizes], [None] * len(crops)
 
-    def _order(self, layout: Layout, geometry: Any, selection: Selection, features: list[torch.Tensor]) -> _Ordered:
-        return _Ordered(features[0])
+    def partitioner(self, model: Any, processor: Any = None) -> SingleCropPartitioner:
+        return SingleCropPartitioner(_tokens_per_side(model))
+
+    def order_tokens(
+        self, layout: Layout, geometry: Any, selection: Selection, kept: Sequence[torch.Tensor]
+    ) -> OrderedTokens:
+        return OrderedTokens(kept[0])
 
     def _stock_image_tokens(self, layout: Layout, geometry: Any) -> int:
         return layout.tokens_per_partition

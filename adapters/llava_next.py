@@ -17,16 +17,18 @@ Newline tokens (``newline``):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
+from tokenprune.adapter import OrderedTokens
 from tokenprune.contracts import Layout, Selection
 from tokenprune.errors import ConfigError
 from tokenprune.registry import register_adapter
 
-from ._llava_family import LlavaFamilyAdapter, _Ordered
+from ._llava_family import LlavaFamilyAdapter
 from .llava_next_partitioner import AnyresGeometry, LlavaNextPartitioner
 
 __all__ = ["LlavaNextAdapter"]
@@ -91,8 +93,11 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
         layouts = [partitioner.layout(size) for size in sizes]
         return crops, layouts, geometries
 
-    def _order(self, layout: Layout, geometry: Any, selection: Selection, features: list[torch.Tensor]) -> _Ordered:
+    def order_tokens(
+        self, layout: Layout, geometry: Any, selection: Selection, kept: Sequence[torch.Tensor]
+    ) -> OrderedTokens:
         assert isinstance(geometry, AnyresGeometry)
+        features = kept
         kept_counts = [int(i.numel()) for i in selection.indices]
         thumbnail = features[0]
         tiles_kept = [f[:k] for f, k in zip(features[1:], kept_counts[1:])]
@@ -109,7 +114,7 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
             last_of_row = torch.ones_like(rows, dtype=torch.bool)
             last_of_row[:-1] = rows[1:] != rows[:-1]
             newline_after = torch.nonzero(last_of_row).flatten() + thumbnail.shape[0]
-        return _Ordered(tokens, newline_after)
+        return OrderedTokens(tokens, newline_after)
 
     def _newline_embedding(self, model: Any) -> torch.Tensor | None:
         return getattr(getattr(model, "model", model), "image_newline", None)

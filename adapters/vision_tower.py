@@ -20,16 +20,18 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from tokenprune.contracts import Adapter, Layout, Selection
+from tokenprune.adapter import TowerAdapter
+from tokenprune.contracts import Layout, Selection, Signals
 from tokenprune.errors import ContractError, IncompatibleError
 from tokenprune.registry import register_adapter
+from tokenprune.tower import prune_batch
 
 from .taps import check_needs, resolve_feature_layer, tap_for
 
 if TYPE_CHECKING:
     from tokenprune.pipeline import ImageStats, Pipeline
 
-__all__ = ["VisionTower", "TowerPruneOutput"]
+__all__ = ["TowerPruneOutput", "VisionTower"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,7 +60,7 @@ class TowerPruneOutput:
 
 @register_adapter("vision_tower")
 @dataclass(frozen=True)
-class VisionTower(Adapter):
+class VisionTower(TowerAdapter):
     """Prune a bare vision tower's patch tokens (transformers CLIP/SigLIP, timm ViT, open_clip ViT).
 
     One forward of the tower with the attention tap computes exactly what the pipeline's
@@ -107,8 +109,8 @@ class VisionTower(Adapter):
             ContractError: if ``pixel_values`` and ``layouts`` disagree.
         """
         tap = tap_for(tower)
-        check_needs(tap, pipeline.allocator.needs, f"allocator {pipeline._part_label('allocator')}")
-        check_needs(tap, pipeline.selector.needs, f"selector {pipeline._part_label('selector')}")
+        check_needs(tap, pipeline.allocator.needs, f"allocator {pipeline.part_label('allocator')}")
+        check_needs(tap, pipeline.selector.needs, f"selector {pipeline.part_label('selector')}")
         feature_layer = resolve_feature_layer(self.feature_layer, tap.num_layers, tap.tower_name)
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
             raise ContractError(
@@ -136,53 +138,46 @@ class VisionTower(Adapter):
         parameter = next(iter(tap.core.parameters()), None)
         if parameter is not None:
             pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
-        with torch.no_grad(), tap.capture(pipeline.needs, feature_layer=feature_layer) as record:
-            tap.forward(pixel_values)
-        signals = record.signals(relevance=relevance, prompt=prompt)
-        features = signals.features
-        assert features is not None
-        tokens = int(features.shape[1])
-        if layouts is None:
-            side = math.isqrt(tokens)
-            if side * side != tokens:
-                raise ContractError(
-                    f"the {tap.tower_name} tower gave {tokens} patch tokens per crop, not a square "
-                    "grid; pass layouts describing its partitions"
-                )
-            layouts = [Layout.single(side) for _ in range(crops)]
-        for index, layout in enumerate(layouts):
-            if layout.tokens_per_partition != tokens:
-                raise ContractError(
-                    f"layout {index} has {layout.tokens_per_partition} tokens per partition but the "
-                    f"{tap.tower_name} tower gave {tokens} per crop"
-                )
 
-        per_image = []
-        start = 0
-        for layout in layouts:
-            per_image.append(signals.partitions(slice(start, start + layout.num_partitions)))
-            start += layout.num_partitions
-        results = pipeline.apply_batch(layouts, per_image)
+        def forward() -> None:
+            with torch.no_grad():
+                tap.forward(pixel_values)
 
-        outputs = []
-        for layout, image_signals, result in zip(layouts, per_image, results):
-            selection = result.selection
-            if selection.features is not None:
-                kept = torch.cat(list(selection.features))
-            else:
-                image_features = image_signals.features
-                assert image_features is not None
-                kept = torch.cat(
-                    [image_features[p][idx.to(image_features.device)] for p, idx in enumerate(selection.indices)]
-                )
-            outputs.append(
-                TowerPruneOutput(
-                    features=kept,
-                    indices=selection.indices,
-                    stats=result.stats,
-                    budgets=result.budgets,
-                    selection=selection,
-                    layout=layout,
-                )
+        def image_layouts(signals: Signals) -> list[Layout]:
+            assert signals.features is not None
+            tokens = int(signals.features.shape[1])
+            if layouts is None:
+                side = math.isqrt(tokens)
+                if side * side != tokens:
+                    raise ContractError(
+                        f"the {tap.tower_name} tower gave {tokens} patch tokens per crop, not a square "
+                        "grid; pass layouts describing its partitions"
+                    )
+                return [Layout.single(side) for _ in range(crops)]
+            for index, layout in enumerate(layouts):
+                if layout.tokens_per_partition != tokens:
+                    raise ContractError(
+                        f"layout {index} has {layout.tokens_per_partition} tokens per partition but the "
+                        f"{tap.tower_name} tower gave {tokens} per crop"
+                    )
+            return list(layouts)
+
+        pruned = prune_batch(
+            pipeline,
+            tap,
+            forward,
+            image_layouts,
+            feature_layer=feature_layer,
+            signals=lambda record: record.signals(relevance=relevance, prompt=prompt),
+        )
+        return [
+            TowerPruneOutput(
+                features=torch.cat(image.kept),
+                indices=image.selection.indices,
+                stats=image.result.stats,
+                budgets=image.result.budgets,
+                selection=image.selection,
+                layout=image.layout,
             )
-        return outputs
+            for image in pruned
+        ]

@@ -7,6 +7,7 @@ local runs (``HYPOTHESIS_PROFILE=long make test``).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # Tests run with the value checks on (Selection, Signals, Pipeline.apply): off by default
@@ -62,3 +63,29 @@ class FillInOrder(tokenprune.BudgetAllocator):
 def fill_in_order() -> FillInOrder:
     """An allocator whose budgets are easy to compute by hand (the selector tests' pipelines)."""
     return FillInOrder()
+
+
+# ---------------------------------------------------------------------- tiny vision towers
+@pytest.fixture(scope="session")
+def hf_vision_tower() -> Callable[..., torch.nn.Module]:
+    """Builder of tiny transformers vision towers (64 wide, 4 heads, 3 blocks, 32 px, patch 8), seeded.
+
+    ``hf_vision_tower(kind="clip" | "siglip", attn="sdpa", mlp_ratio=2, **config)``: ``config``
+    adds CLIP/SigLIP config fields (``hidden_act=...``); the model is in eval mode.
+    """
+
+    def build(kind: str = "clip", *, attn: str = "sdpa", mlp_ratio: int = 2, **config: object) -> torch.nn.Module:
+        import transformers
+
+        prefix = {"clip": "CLIP", "siglip": "Siglip"}[kind]
+        config_class = getattr(transformers, f"{prefix}VisionConfig")
+        model_class = getattr(transformers, f"{prefix}VisionModel")
+        torch.manual_seed(0)
+        width = 64
+        vision_config = config_class(
+            hidden_size=width, intermediate_size=mlp_ratio * width, num_hidden_layers=3, num_attention_heads=4,
+            image_size=32, patch_size=8, **config,
+        )  # fmt: skip
+        return model_class._from_config(vision_config, attn_implementation=attn).eval()
+
+    return build

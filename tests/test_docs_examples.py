@@ -22,8 +22,11 @@ def test_extending_examples_run():
         for block in blocks:
             exec(compile(block, str(DOCS / "extending.md"), "exec"), namespace)
         assert "attention_shift" in tp.list_selectors() and "by_relevance" in tp.list_allocators()
+        assert isinstance(namespace["pipe"].adapter, tp.VLMAdapter)  # the worked adapter example ran
+        assert namespace["pipe"].last_stats[0].kept == (12,) and namespace["answer"].shape[0] == 1
         assert tp.build_selector("attention_shift@paper", late=-2).late == -2
         namespace["test_attention_shift"]()  # the hypothesis check shown in the docs passes
     finally:
         tp.SELECTORS.unregister("attention_shift")
         tp.ALLOCATORS.unregister("by_relevance")
+        tp.ADAPTERS.unregister("column_llava")

@@ -226,11 +226,36 @@ def test_preset_on_an_unregistered_base_names_its_origin(registry):
         registry.build("ghost@x")
 
 
-def test_a_failing_builtin_import_is_retried_not_left_half_loaded(monkeypatch):
-    import tokenprune.registry as registry_module
-
-    monkeypatch.setattr(registry_module, "_plugins_loaded", False)
-    monkeypatch.setattr(registry_module, "_BUILTIN_MODULES", ("tokenprune.no_such_module",))
+def test_a_failing_builtin_import_is_retried_not_left_half_loaded():
+    broken = Registry("selector", tp.Selector, ("tokenprune.no_such_module",))
     with pytest.raises(ModuleNotFoundError):
-        registry_module.load_plugins()
-    assert registry_module._plugins_loaded is False
+        broken.names()
+    assert broken._builtins_loaded is False
+    with pytest.raises(ModuleNotFoundError):  # retried, not silently empty
+        broken.names()
+
+
+def test_a_plugin_raising_system_exit_is_reported_and_list_goes_on(tmp_path, monkeypatch, capsys):
+    import tokenprune.registry as registry_module
+    from tokenprune.cli import main
+
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    _install_fake_distribution(
+        site, "tokenprune_exiting_plugin", "tokenprune_exiting_plugin", "raise SystemExit('plugin quits')\n",
+        "tokenprune_exiting_plugin",
+    )
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(registry_module, "_plugins_loaded", False)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main(["list"]) == 0
+        out = capsys.readouterr().out
+        assert "adapters (" in out and "allocators (" in out and "selectors (" in out
+        assert any(
+            "tokenprune_exiting_plugin" in str(w.message) and "SystemExit: plugin quits" in str(w.message)
+            for w in caught
+        )
+    finally:
+        sys.modules.pop("tokenprune_exiting_plugin", None)

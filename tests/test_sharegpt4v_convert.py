@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from tokenprune.adapters.sharegpt4v_convert import (
+from tokenprune.tools.sharegpt4v import (
     VICUNA_V1_SYSTEM_PROMPT,
     CheckpointError,
-    _infer_vision_config,
     convert_sharegpt4v,
     main,
 )
+from tokenprune.tools.sharegpt4v.config import _infer_vision_config
 from tokenprune.tiny import tiny_llava, tiny_tokenizer
 
 from tokenprune import ConfigError, IncompatibleError
@@ -210,6 +210,23 @@ def reference_tiny() -> Any:
     return tiny_llava(SEED)[0]
 
 
+@pytest.fixture
+def tiny_source(tmp_path: Path, reference_tiny: Any) -> Any:
+    """Writer of the tiny reference as an original-layout source in ``tmp_path / "src"``.
+
+    ``tiny_source(state=None, fmt="bin", **config_overrides)`` -> ``(src, vision_config_json)``;
+    ``state`` defaults to the reference's own (261 vocabulary rows), the tokenizer is ``tiny_tokenizer()``.
+    """
+
+    def write(state: dict[str, torch.Tensor] | None = None, fmt: str = "bin", **overrides: Any) -> tuple[Path, Path]:
+        state = _original_state(reference_tiny, 261) if state is None else state
+        config = _original_config(reference_tiny, 261, **overrides)
+        src = _write_source(tmp_path / "src", state, config, tiny_tokenizer(), fmt)
+        return src, _vision_config_file(reference_tiny, tmp_path / "vision.json")
+
+    return write
+
+
 @pytest.fixture(scope="module")
 def converted_fresh(tmp_path_factory: pytest.TempPathFactory, reference_fresh: Any) -> Path:
     """.bin shards, tokenizer without <image>/<pad>, with the legacy buffers old checkpoints carry."""
@@ -277,17 +294,8 @@ def test_bin_source_with_new_tokens_reproduces_the_model(converted_fresh: Path, 
         torch.testing.assert_close(model(**inputs).logits, reference_fresh(**inputs).logits)
 
 
-def test_safetensors_source_with_image_token_keeps_vocabulary(tmp_path: Path, reference_tiny: Any) -> None:
-    tokenizer = tiny_tokenizer()  # already has <pad> (3) and <image> (4)
-    state = _original_state(reference_tiny, 261)
-    src = _write_source(
-        tmp_path / "src",
-        state,
-        _original_config(reference_tiny, 261),
-        tokenizer,
-        "safetensors",
-    )
-    vision = _vision_config_file(reference_tiny, tmp_path / "vision.json")
+def test_safetensors_source_with_image_token_keeps_vocabulary(tmp_path: Path, reference_tiny: Any, tiny_source: Any) -> None:
+    src, vision = tiny_source(fmt="safetensors")  # tiny_tokenizer already has <pad> (3) and <image> (4)
     out = convert_sharegpt4v(src, tmp_path / "out", vision_config=vision)
     assert (out / "model.safetensors").is_file()  # below 5GB: one shard, no index
     model, processor = _load(out)
@@ -338,16 +346,8 @@ def test_processor_is_vicuna_v1_with_pad_to_square(converted_fresh: Path) -> Non
     torch.testing.assert_close(images[:, 28, 30], black, atol=2e-2, rtol=0)
 
 
-def test_dtype_casts_floating_tensors(tmp_path: Path, reference_tiny: Any) -> None:
-    state = _original_state(reference_tiny, 261)
-    src = _write_source(
-        tmp_path / "src",
-        state,
-        _original_config(reference_tiny, 261),
-        tiny_tokenizer(),
-        "bin",
-    )
-    vision = _vision_config_file(reference_tiny, tmp_path / "vision.json")
+def test_dtype_casts_floating_tensors(tmp_path: Path, reference_tiny: Any, tiny_source: Any) -> None:
+    src, vision = tiny_source()
     out = convert_sharegpt4v(src, tmp_path / "out", vision_config=vision, dtype="bfloat16")
     from safetensors import safe_open
 
@@ -357,7 +357,7 @@ def test_dtype_casts_floating_tensors(tmp_path: Path, reference_tiny: Any) -> No
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
-def test_vision_tower_from_a_separate_clip_checkpoint(tmp_path: Path, reference_tiny: Any) -> None:
+def test_vision_tower_from_a_separate_clip_checkpoint(tmp_path: Path, reference_tiny: Any, tiny_source: Any) -> None:
     state = _original_state(reference_tiny, 261)
     tower_prefix = "model.vision_tower.vision_tower.vision_model."
     tower_state = {
@@ -366,13 +366,7 @@ def test_vision_tower_from_a_separate_clip_checkpoint(tmp_path: Path, reference_
         if n.startswith(tower_prefix)
     }
     llm_state = {n: t for n, t in state.items() if not n.startswith(tower_prefix)}
-    src = _write_source(
-        tmp_path / "src",
-        llm_state,
-        _original_config(reference_tiny, 261),
-        tiny_tokenizer(),
-        "bin",
-    )
+    src, _ = tiny_source(llm_state)
 
     with pytest.raises(
         CheckpointError,
@@ -399,15 +393,14 @@ def test_vision_tower_from_a_separate_clip_checkpoint(tmp_path: Path, reference_
         torch.testing.assert_close(model(**inputs).logits, reference_tiny(**inputs).logits, rtol=0, atol=0)
 
 
-def test_tied_embeddings_without_lm_head(tmp_path: Path, reference_tiny: Any) -> None:
+def test_tied_embeddings_without_lm_head(tmp_path: Path, reference_tiny: Any, tiny_source: Any) -> None:
     state = _original_state(reference_tiny, 261)
     del state["lm_head.weight"]
-    config = _original_config(reference_tiny, 261, tie_word_embeddings=True)
-    src = _write_source(tmp_path / "src", state, config, tiny_tokenizer(), "safetensors")
+    src, vision = tiny_source(state, fmt="safetensors", tie_word_embeddings=True)
     out = convert_sharegpt4v(
         src,
         tmp_path / "out",
-        vision_config=_vision_config_file(reference_tiny, tmp_path / "v.json"),
+        vision_config=vision,
     )
     model, _ = _load(out)
     assert model.config.tie_word_embeddings
@@ -417,15 +410,8 @@ def test_tied_embeddings_without_lm_head(tmp_path: Path, reference_tiny: Any) ->
     )
 
 
-def test_vision_tower_option_refused_when_src_has_its_own(tmp_path: Path, reference_tiny: Any) -> None:
-    state = _original_state(reference_tiny, 261)
-    src = _write_source(
-        tmp_path / "src",
-        state,
-        _original_config(reference_tiny, 261),
-        tiny_tokenizer(),
-        "bin",
-    )
+def test_vision_tower_option_refused_when_src_has_its_own(tmp_path: Path, reference_tiny: Any, tiny_source: Any) -> None:
+    src, _ = tiny_source()
     with pytest.raises(ConfigError, match="already holds vision tower weights"):
         convert_sharegpt4v(src, tmp_path / "out", vision_tower=tmp_path)
 
@@ -433,19 +419,12 @@ def test_vision_tower_option_refused_when_src_has_its_own(tmp_path: Path, refere
 # --------------------------------------------------------------------------- errors
 
 
-def test_missing_and_unexpected_keys_are_named(tmp_path: Path, reference_tiny: Any) -> None:
+def test_missing_and_unexpected_keys_are_named(tmp_path: Path, reference_tiny: Any, tiny_source: Any) -> None:
     state = _original_state(reference_tiny, 261)
     del state["model.layers.1.mlp.up_proj.weight"]
     state["model.mm_projector.1.weight"] = torch.zeros(3)
     state["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(32)
-    src = _write_source(
-        tmp_path / "src",
-        state,
-        _original_config(reference_tiny, 261),
-        tiny_tokenizer(),
-        "safetensors",
-    )
-    vision = _vision_config_file(reference_tiny, tmp_path / "vision.json")
+    src, vision = tiny_source(state, fmt="safetensors")
     with pytest.raises(CheckpointError) as error:
         convert_sharegpt4v(src, tmp_path / "out", vision_config=vision)
     message = str(error.value)
@@ -456,30 +435,16 @@ def test_missing_and_unexpected_keys_are_named(tmp_path: Path, reference_tiny: A
     assert not list(tmp_path.glob(".out.partial-*"))
 
 
-def test_shape_mismatch_is_named(tmp_path: Path, reference_tiny: Any) -> None:
+def test_shape_mismatch_is_named(tmp_path: Path, reference_tiny: Any, tiny_source: Any) -> None:
     state = _original_state(reference_tiny, 261)
     state["model.mm_projector.2.weight"] = torch.zeros(32, 16)
-    src = _write_source(
-        tmp_path / "src",
-        state,
-        _original_config(reference_tiny, 261),
-        tiny_tokenizer(),
-        "bin",
-    )
-    vision = _vision_config_file(reference_tiny, tmp_path / "vision.json")
+    src, vision = tiny_source(state)
     with pytest.raises(CheckpointError, match=r"model\.mm_projector\.2\.weight \[32, 16\]"):
         convert_sharegpt4v(src, tmp_path / "out", vision_config=vision)
 
 
-def test_non_tensor_pickle_is_refused(tmp_path: Path, reference_tiny: Any) -> None:
-    state = _original_state(reference_tiny, 261)
-    src = _write_source(
-        tmp_path / "src",
-        state,
-        _original_config(reference_tiny, 261),
-        tiny_tokenizer(),
-        "bin",
-    )
+def test_non_tensor_pickle_is_refused(tmp_path: Path, reference_tiny: Any, tiny_source: Any) -> None:
+    src, vision = tiny_source()
     shard = next(src.glob("pytorch_model-00001-*.bin"))
     tensors = torch.load(shard, weights_only=True)
     torch.save({**tensors, "args": argparse.Namespace(lr=0.1)}, shard)  # training args: not a tensor
@@ -487,23 +452,16 @@ def test_non_tensor_pickle_is_refused(tmp_path: Path, reference_tiny: Any) -> No
         convert_sharegpt4v(
             src,
             tmp_path / "out",
-            vision_config=_vision_config_file(reference_tiny, tmp_path / "v.json"),
+            vision_config=vision,
         )
 
 
-def test_wrong_inv_freq_is_refused(tmp_path: Path, reference_tiny: Any) -> None:
+def test_wrong_inv_freq_is_refused(tmp_path: Path, reference_tiny: Any, tiny_source: Any) -> None:
     state = _original_state(reference_tiny, 261)
     state["model.layers.0.self_attn.rotary_emb.inv_freq"] = 1.0 / (
         500000.0 ** (torch.arange(0, 8, 2).float() / 8)
     )
-    src = _write_source(
-        tmp_path / "src",
-        state,
-        _original_config(reference_tiny, 261),
-        tiny_tokenizer(),
-        "bin",
-    )
-    vision = _vision_config_file(reference_tiny, tmp_path / "vision.json")
+    src, vision = tiny_source(state)
     with pytest.raises(CheckpointError, match="rope_theta=10000"):
         convert_sharegpt4v(src, tmp_path / "out", vision_config=vision)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
@@ -521,12 +479,9 @@ def test_wrong_inv_freq_is_refused(tmp_path: Path, reference_tiny: Any) -> None:
     ],
 )
 def test_unsupported_llava_variants(
-    tmp_path: Path, reference_tiny: Any, override: dict[str, Any], pattern: str
+    tmp_path: Path, reference_tiny: Any, tiny_source: Any, override: dict[str, Any], pattern: str
 ) -> None:
-    state = _original_state(reference_tiny, 261)
-    config = _original_config(reference_tiny, 261, **override)
-    src = _write_source(tmp_path / "src", state, config, tiny_tokenizer(), "safetensors")
-    vision = _vision_config_file(reference_tiny, tmp_path / "vision.json")
+    src, vision = tiny_source(fmt="safetensors", **override)
     with pytest.raises(IncompatibleError, match=pattern):
         convert_sharegpt4v(src, tmp_path / "out", vision_config=vision)
 
@@ -578,16 +533,8 @@ def test_infer_vision_config_of_clip_vit_l_14_336() -> None:
 # --------------------------------------------------------------------------- command line
 
 
-def test_cli_end_to_end(tmp_path: Path, reference_tiny: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    state = _original_state(reference_tiny, 261)
-    src = _write_source(
-        tmp_path / "src",
-        state,
-        _original_config(reference_tiny, 261),
-        tiny_tokenizer(),
-        "bin",
-    )
-    vision = _vision_config_file(reference_tiny, tmp_path / "vision.json")
+def test_cli_end_to_end(tmp_path: Path, reference_tiny: Any, tiny_source: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    src, vision = tiny_source()
     argv = [
         "convert",
         "sharegpt4v",

@@ -51,36 +51,6 @@ def _softmax_row(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch
 # --------------------------------------------------------------------------- towers
 
 
-def _hf_clip(attn: str = "sdpa") -> nn.Module:
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    torch.manual_seed(0)
-    config = CLIPVisionConfig(
-        hidden_size=WIDTH,
-        intermediate_size=2 * WIDTH,
-        num_hidden_layers=DEPTH,
-        num_attention_heads=HEADS,
-        image_size=IMAGE,
-        patch_size=PATCH,
-    )
-    return CLIPVisionModel._from_config(config, attn_implementation=attn).eval()
-
-
-def _hf_siglip() -> nn.Module:
-    from transformers import SiglipVisionConfig, SiglipVisionModel
-
-    torch.manual_seed(0)
-    config = SiglipVisionConfig(
-        hidden_size=WIDTH,
-        intermediate_size=2 * WIDTH,
-        num_hidden_layers=DEPTH,
-        num_attention_heads=HEADS,
-        image_size=IMAGE,
-        patch_size=PATCH,
-    )
-    return SiglipVisionModel(config).eval()
-
-
 def _timm_vit(**overrides: object) -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
@@ -114,13 +84,13 @@ def _open_clip_vit(**overrides: object) -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def clip() -> nn.Module:
-    return _hf_clip()
+def clip(hf_vision_tower) -> nn.Module:
+    return hf_vision_tower()
 
 
 @pytest.fixture(scope="module")
-def clip_eager(clip: nn.Module) -> nn.Module:
-    eager = _hf_clip("eager")
+def clip_eager(clip: nn.Module, hf_vision_tower) -> nn.Module:
+    eager = hf_vision_tower(attn="eager")
     eager.load_state_dict(clip.state_dict())
     return eager
 
@@ -239,8 +209,8 @@ def test_nested_capture_on_one_tower_is_an_error(clip: nn.Module) -> None:
         pass
 
 
-def test_two_towers_captured_together_do_not_interfere(clip: nn.Module) -> None:
-    other = _hf_clip()
+def test_two_towers_captured_together_do_not_interfere(clip: nn.Module, hf_vision_tower) -> None:
+    other = hf_vision_tower()
     with torch.no_grad():
         for parameter in other.parameters():
             parameter.add_(0.1 * torch.randn_like(parameter))
@@ -311,8 +281,8 @@ def test_layer_out_of_range_is_refused_before_hooking(clip: nn.Module) -> None:
     assert _hook_snapshot(clip) == before
 
 
-def test_siglip_serves_keys_and_features_but_refuses_cls_needs() -> None:
-    siglip = _hf_siglip()
+def test_siglip_serves_keys_and_features_but_refuses_cls_needs(hf_vision_tower) -> None:
+    siglip = hf_vision_tower("siglip")
     tap = tap_for(siglip)
     assert isinstance(tap, TransformersVisionTap) and not tap.has_cls_token
     pixels = _pixels()

@@ -21,20 +21,8 @@ ATOL = 1e-4
 NEEDS = tp.Needs(cls_attention={0, 1, -1}, wide_cls_attention={-1}, cls_embedding={0, 1, -1}, keys={1})
 
 
-def _hf_clip() -> nn.Module:
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    torch.manual_seed(0)
-    config = CLIPVisionConfig(
-        hidden_size=WIDTH,
-        intermediate_size=4 * WIDTH,
-        num_hidden_layers=DEPTH,
-        num_attention_heads=HEADS,
-        image_size=IMAGE,
-        patch_size=PATCH,
-        hidden_act="quick_gelu",
-    )
-    model = CLIPVisionModel(config).eval()
+def _hf_clip(hf_vision_tower) -> nn.Module:
+    model = hf_vision_tower(mlp_ratio=4, hidden_act="quick_gelu")
     with torch.no_grad():  # make biases and norms non-trivial so a wrong mapping shows
         for name, parameter in model.named_parameters():
             if "norm" in name and name.endswith("weight"):
@@ -129,8 +117,8 @@ def _to_open_clip(hf: nn.Module) -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def records() -> dict[str, object]:
-    hf = _hf_clip()
+def records(hf_vision_tower) -> dict[str, object]:
+    hf = _hf_clip(hf_vision_tower)
     towers = {"transformers": hf, "timm": _to_timm(hf), "open_clip": _to_open_clip(hf)}
     pixels = torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(1))
     out = {}

@@ -28,6 +28,7 @@ from .contracts import (  # noqa: E402
     Signals,
     validation,
 )
+from .adapter import ImageTokens, OrderedTokens, TowerAdapter, VLMAdapter  # noqa: E402
 from .errors import (  # noqa: E402
     BudgetError,
     ConfigError,
@@ -40,6 +41,7 @@ from .errors import (  # noqa: E402
     UnknownNameError,
 )
 from .pipeline import ImageStats, Pipeline, PruneResult  # noqa: E402
+from .tower import PrunedImage, prune_batch  # noqa: E402
 from .registry import (  # noqa: E402
     ADAPTERS,
     ALLOCATORS,
@@ -73,19 +75,24 @@ __all__ = [
     "ContractError",
     "DuplicateNameError",
     "ImageStats",
+    "ImageTokens",
     "IncompatibleError",
     "Layout",
     "Needs",
+    "OrderedTokens",
     "Partitioner",
     "Pipeline",
     "PruneResult",
+    "PrunedImage",
     "RegistryError",
     "Selection",
     "Selector",
     "SignalError",
     "Signals",
     "TokenpruneError",
+    "TowerAdapter",
     "UnknownNameError",
+    "VLMAdapter",
     "apportion",
     "build_adapter",
     "build_allocator",
@@ -96,6 +103,7 @@ __all__ = [
     "list_selectors",
     "load_plugins",
     "parse_budget",
+    "prune_batch",
     "quota",
     "register_adapter",
     "register_allocator",

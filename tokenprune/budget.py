@@ -449,7 +449,7 @@ def parse_budget(value: object) -> Budget:
         return Budget("tokens", int(value))
     if isinstance(value, numbers.Real):
         # numpy float32(0.7) is 0.699999988...: read non-Python floats by their printed value
-        number = float(value) if isinstance(value, float) else float(str(value))
+        number = float(value) if isinstance(value, (float, numbers.Rational)) else float(str(value))
         if not math.isfinite(number):
             raise BudgetError(f"budget {value!r} is not finite; expected {allowed}")
         if number <= 0.0:

@@ -57,15 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--pattern", default="*", help="shell-style wildcard, e.g. 'hired*'")
     listing.set_defaults(func=_cmd_list)
 
-    from tokenprune.adapters.sharegpt4v_convert import add_convert_parser
-
-    from .run import add_run_parser
-
+    # each command's module adds its own parser; the converter's is argparse only (it loads
+    # the conversion code when the command runs)
+    from .doctor import add_doctor_parser
     from .experiments.sweep import add_sweep_parser
+    from .run import add_run_parser
+    from .tools.sharegpt4v.cli import add_convert_parser
 
     add_run_parser(sub)
     add_sweep_parser(sub)
     add_convert_parser(sub)
+    add_doctor_parser(sub)
     compat = sub.add_parser(
         "compat",
         help="install the start-up hook that lets timm/transformers import beside a broken torchvision",

@@ -6,6 +6,9 @@ Each class also derives from the closest built-in (``ValueError``, ``LookupError
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Callable, Iterable
+
 __all__ = [
     "TokenpruneError",
     "ConfigError",
@@ -16,6 +19,8 @@ __all__ = [
     "UnknownNameError",
     "DuplicateNameError",
     "IncompatibleError",
+    "close_matches",
+    "did_you_mean",
 ]
 
 
@@ -53,3 +58,21 @@ class DuplicateNameError(RegistryError, ValueError):
 
 class IncompatibleError(TokenpruneError, ValueError):
     """Parts that each make sense do not fit together (model family, tower, strategy needs)."""
+
+
+def close_matches(word: object, candidates: Iterable[str], *, n: int = 3, cutoff: float = 0.5) -> list[str]:
+    """The candidates closest to ``word`` (at most ``n``), best first: the one fuzzy matcher."""
+    return difflib.get_close_matches(str(word), list(candidates), n=n, cutoff=cutoff)
+
+
+def did_you_mean(
+    word: object,
+    candidates: Iterable[str],
+    *,
+    n: int = 3,
+    cutoff: float = 0.5,
+    render: Callable[[str], str] = repr,
+) -> str:
+    """``" Did you mean 'a', 'b'?"`` for the close matches of ``word``, or ``""`` when none is close."""
+    close = close_matches(word, candidates, n=n, cutoff=cutoff)
+    return f" Did you mean {', '.join(render(c) for c in close)}?" if close else ""

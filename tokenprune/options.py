@@ -12,6 +12,7 @@ config round trip). Annotations it does not understand are not checked.
 from __future__ import annotations
 
 import math
+import numbers
 import types
 import typing
 from dataclasses import fields, is_dataclass
@@ -40,13 +41,18 @@ def _coerce(value: Any, annotation: Any) -> Any:
     if annotation is type(None):
         return value if value is None else _UNCHECKED
     if annotation is bool:
+        if _is_numpy_bool(value):
+            return bool(value)
         return value if isinstance(value, bool) else _UNCHECKED
     if annotation is int:
-        return value if isinstance(value, int) and not isinstance(value, bool) else _UNCHECKED
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             return _UNCHECKED
-        return float(value)
+        return value if type(value) is int else int(value)  # numpy integers too
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return _UNCHECKED
+        # numpy float32(0.7) is 0.699999988...: read it by its printed value, as budgets are
+        return float(value) if isinstance(value, (int, float)) else float(str(value))
     if annotation is str:
         return value if isinstance(value, str) else _UNCHECKED
     if origin is tuple:
@@ -63,6 +69,12 @@ def _coerce(value: Any, annotation: Any) -> Any:
             items = list(value)
         return _UNCHECKED if any(i is _UNCHECKED for i in items) else tuple(items)
     return value  # not a checked annotation
+
+
+def _is_numpy_bool(value: Any) -> bool:
+    """A 0-d boolean array scalar (``numpy.bool_``), recognised without importing numpy."""
+    dtype = getattr(value, "dtype", None)
+    return getattr(dtype, "kind", None) == "b" and getattr(value, "ndim", None) == 0
 
 
 def _describe(annotation: Any) -> str:

@@ -12,21 +12,15 @@ Without an adapter it runs at the strategy level on a given ``Layout`` and ``Sig
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from .budget import (
-    Budget,
-    check_budget_tensor,
-    check_budget_values,
-    host_split,
-    parse_budget,
-)
+from .adapter import TowerAdapter, VLMAdapter
+from .budget import Budget, check_budget_tensor, check_budget_values, host_split, parse_budget
 from .contracts import (
     Adapter,
     BudgetAllocator,
@@ -39,11 +33,13 @@ from .contracts import (
     validating,
 )
 from .errors import ConfigError, ContractError
+from .overrides import apply_overrides, split_config
 from .registry import ADAPTERS, ALLOCATORS, SELECTORS, Registry
 
 __all__ = ["ImageStats", "Pipeline", "PruneResult"]
 
 _PARTS = ("adapter", "allocator", "selector")
+_A = TypeVar("_A", bound=Adapter)
 
 
 @dataclass(frozen=True)
@@ -84,27 +80,29 @@ class PruneResult:
     stats: ImageStats
 
 
-def _build_part(
-    registry: Registry[Any], spec: object, options: Mapping[str, Any], kind: type
-) -> tuple[Any, str | None]:
+def _build_part(registry: Registry[Any], spec: object, kind: type) -> tuple[Any, str | None]:
     """Instance and the name it was built from (``None`` for a given instance)."""
     if isinstance(spec, kind):
-        if options:
-            raise ConfigError(
-                f"{registry.stage} options {sorted(options)} were given with a ready-made "
-                f"{registry.stage} instance; set them on the instance instead"
-            )
         return spec, None
-    if isinstance(spec, str):
-        return registry.build(spec, **options), spec
     if isinstance(spec, Mapping):
-        config = dict(spec)
-        name = config.get("name")
-        return registry.build(config, **options), name
+        return registry.build(spec), spec.get("name")
     raise ConfigError(
         f"{registry.stage} must be a registered name, a preset name, a config dict or a "
         f"tokenprune.{kind.__name__} instance; got {type(spec).__name__}"
     )
+
+
+def _check_strings(name: str, value: Any, *, optional: bool) -> None:
+    """``value`` is a string or a non-empty list/tuple of strings (or None when optional)."""
+    if value is None and optional:
+        return
+    if isinstance(value, str):
+        return
+    if isinstance(value, (list, tuple)) and value and all(isinstance(item, str) for item in value):
+        return
+    allowed = "a string or a non-empty list of strings" + (" (or None)" if optional else "")
+    shown = [type(item).__name__ for item in value] if isinstance(value, (list, tuple)) else type(value).__name__
+    raise ConfigError(f"{name} must be {allowed}, got {shown}")
 
 
 class Pipeline:
@@ -136,59 +134,25 @@ class Pipeline:
         **options: Any,
     ) -> None:
         self.budget: Budget = parse_budget(budget)
-        specs = {"adapter": adapter, "allocator": allocator, "selector": selector}
-        per_part = {
-            "adapter": dict(adapter_options or {}),
-            "allocator": dict(allocator_options or {}),
-            "selector": dict(selector_options or {}),
-        }
-        self._route(options, specs, per_part)
+        keys: dict[str, Any] = {}
+        for part, part_options in (
+            ("adapter", adapter_options),
+            ("allocator", allocator_options),
+            ("selector", selector_options),
+        ):
+            keys.update({f"{part}.{name}": value for name, value in (part_options or {}).items()})
+        keys.update(options)
+        config = apply_overrides({"adapter": adapter, "allocator": allocator, "selector": selector}, keys)
         self.allocator: BudgetAllocator
         self.selector: Selector
         self.adapter: Adapter | None
-        self.allocator, self._allocator_name = _build_part(
-            ALLOCATORS, allocator, per_part["allocator"], BudgetAllocator
-        )
-        self.selector, self._selector_name = _build_part(SELECTORS, selector, per_part["selector"], Selector)
-        if adapter is None:
-            if per_part["adapter"]:
-                raise ConfigError("adapter options were given without an adapter")
+        self.allocator, self._allocator_name = _build_part(ALLOCATORS, config["allocator"], BudgetAllocator)
+        self.selector, self._selector_name = _build_part(SELECTORS, config["selector"], Selector)
+        if config["adapter"] is None:
             self.adapter, self._adapter_name = None, None
         else:
-            self.adapter, self._adapter_name = _build_part(ADAPTERS, adapter, per_part["adapter"], Adapter)
+            self.adapter, self._adapter_name = _build_part(ADAPTERS, config["adapter"], Adapter)
             self.adapter.check_parts(self.allocator, self.selector)
-
-    @staticmethod
-    def _route(options: dict[str, Any], specs: dict[str, Any], per_part: dict[str, dict[str, Any]]) -> None:
-        registries = {"adapter": ADAPTERS, "allocator": ALLOCATORS, "selector": SELECTORS}
-        accepted: dict[str, tuple[str, ...]] = {}
-        for part, spec in specs.items():
-            name = spec.get("name") if isinstance(spec, Mapping) else spec
-            if isinstance(name, str):
-                accepted[part] = registries[part].entry(name).option_names() or ()
-        for key, value in options.items():
-            owners = [part for part, names in accepted.items() if key in names]
-            if len(owners) == 1:
-                part_options = per_part[owners[0]]
-                if key in part_options and part_options[key] != value:
-                    raise ConfigError(
-                        f"option {key!r} is given twice with different values: {key}={value!r} and "
-                        f"{owners[0]}_options={{{key!r}: {part_options[key]!r}}}; give it once"
-                    )
-                part_options[key] = value
-                continue
-            if len(owners) > 1:
-                raise ConfigError(
-                    f"option {key!r} is taken by both the {' and the '.join(owners)}; pass it as "
-                    + " or ".join(f"{p}_options={{{key!r}: ...}}" for p in owners)
-                )
-            everything = sorted({n for names in accepted.values() for n in names})
-            close = difflib.get_close_matches(key, everything, n=3, cutoff=0.5)
-            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise ConfigError(
-                f"no part of this pipeline takes option {key!r}.{hint} "
-                f"Options: {', '.join(everything) or '(none)'}."
-            )
 
     # ------------------------------------------------------------------ properties
     @property
@@ -217,8 +181,8 @@ class Pipeline:
         (:func:`tokenprune.validation`, ``TOKENPRUNE_VALIDATE=1``)."""
         if len(layouts) != len(signals):
             raise ContractError(f"{len(layouts)} layouts but {len(signals)} signals")
-        alloc_name = self._part_label("allocator")
-        sel_name = self._part_label("selector")
+        alloc_name = self.part_label("allocator")
+        sel_name = self.part_label("selector")
         for layout, signal in zip(layouts, signals):
             signal.check_layout(layout)
             signal.require(self.allocator.needs, who=f"allocator {alloc_name}")
@@ -292,15 +256,16 @@ class Pipeline:
         return counts
 
     # ------------------------------------------------------------------ models
-    def _model_adapter(self, method: str) -> Any:
+    def _adapter_of(self, kind: type[_A], method: str, wanted: str) -> _A:
+        """The adapter, if it implements the contract ``method`` needs; else a ConfigError."""
         adapter = self.adapter
-        if adapter is None or not hasattr(adapter, method):
-            have = "no adapter" if adapter is None else f"adapter {self._part_label('adapter')}"
-            raise ConfigError(
-                f"Pipeline.{method} needs a VLM adapter (e.g. adapter='llava_next', 'llava' or "
-                f"'sharegpt4v'); this pipeline has {have}"
-            )
+        if not isinstance(adapter, kind):
+            have = "no adapter" if adapter is None else f"adapter {self.part_label('adapter')}"
+            raise ConfigError(f"Pipeline.{method} needs {wanted}; this pipeline has {have}")
         return adapter
+
+    def _vlm_adapter(self, method: str) -> VLMAdapter:
+        return self._adapter_of(VLMAdapter, method, "a VLM adapter (e.g. adapter='llava_next', 'llava' or 'sharegpt4v')")
 
     def prepare(
         self, model: Any, processor: Any, *, images: Any, text: Any, question: Any = None, **tokenizer_kwargs: Any
@@ -309,12 +274,15 @@ class Pipeline:
 
         Runs the vision tower once with the attention tap, allocates, selects, projects the
         kept features, and tokenizes ``text`` with exactly ``K`` image placeholders per
-        image (left padding). Per-image stats land in :attr:`last_stats`. ``question``: what
+        image (left padding). Per-image stats land in :attr:`last_stats` (emptied first, so
+        a failed call never leaves the previous call's stats behind). ``question``: what
         prompt-relevance strategies score against (default: ``text`` without image tokens).
         """
-        return self._model_adapter("prepare").prepare(
-            self, model, processor, images, text, question=question, **tokenizer_kwargs
-        )
+        adapter = self._vlm_adapter("prepare")
+        self.record_images([])
+        _check_strings("text", text, optional=False)
+        _check_strings("question", question, optional=True)
+        return adapter.prepare(self, model, processor, images, text, question=question, **tokenizer_kwargs)
 
     def attach(self, model: Any, processor: Any) -> AbstractContextManager[None]:
         """Context manager: the processor and model prune on their own while inside.
@@ -323,7 +291,7 @@ class Pipeline:
         harnesses). Per-instance, removable, signature-preserving wrappers; leaving the
         context restores both exactly. Needs a fixed per-image token count.
         """
-        return self._model_adapter("attach").attach(self, model, processor)
+        return self._vlm_adapter("attach").attach(self, model, processor)
 
     @property
     def last_stats(self) -> list[Any]:
@@ -336,7 +304,9 @@ class Pipeline:
         selection, LLM-space embeddings and stats."""
         return list(self.__dict__.get("_last_images", []))
 
-    def _record(self, images: Sequence[Any]) -> None:
+    def record_images(self, images: Sequence[Any]) -> None:
+        """Adapters: make ``images`` (one :class:`~tokenprune.ImageTokens` each) what
+        :attr:`last_images` / :attr:`last_stats` report."""
         self.__dict__["_last_images"] = list(images)
 
     # ------------------------------------------------------------------ towers
@@ -351,21 +321,20 @@ class Pipeline:
         consecutive crops). Extra keyword arguments (``relevance=``, ``prompt=``) go to the
         adapter. Returns, per image, the kept features, their indices and stats.
         """
-        prune = getattr(self.adapter, "prune", None)
-        if prune is None:
-            have = "no adapter" if self.adapter is None else f"adapter {self._part_label('adapter')}"
-            raise ConfigError(
-                f"Pipeline.prune needs an adapter that prunes bare towers, e.g. adapter='vision_tower'; "
-                f"this pipeline has {have}"
-            )
-        return prune(self, tower, pixel_values, layouts, **kwargs)
+        adapter = self._adapter_of(TowerAdapter, "prune", "an adapter that prunes bare towers, e.g. adapter='vision_tower'")
+        return adapter.prune(self, tower, pixel_values, layouts, **kwargs)
 
     # ------------------------------------------------------------------ config
-    def _part_label(self, part: str) -> str:
+    def part_label(self, part: str) -> str:
+        """How error messages name ``part`` (``"adapter"``, ``"allocator"``, ``"selector"``):
+        its registered name quoted, or its class name for a ready-made instance."""
+        if part not in _PARTS:
+            raise ConfigError(f"part must be one of {', '.join(_PARTS)}, got {part!r}")
         name = getattr(self, f"_{part}_name")
         if name is not None:
             return repr(name)
         return type(getattr(self, part)).__name__
+
 
     def _part_config(self, part: str) -> dict[str, Any] | None:
         instance = getattr(self, part)
@@ -388,21 +357,24 @@ class Pipeline:
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> Pipeline:
-        """Rebuild from :meth:`to_dict` output (or a hand-written config of the same shape)."""
+        """Rebuild from :meth:`to_dict` output (or a hand-written config of the same shape).
+
+        Besides ``adapter``/``allocator``/``selector``/``budget`` the config may hold the
+        override keys of :func:`tokenprune.overrides.apply_overrides` (``allocator.alpha``,
+        or a bare option name routed to the part that takes it).
+        """
         if not isinstance(config, Mapping):
             raise ConfigError(f"a pipeline config must be a mapping, got {type(config).__name__}")
-        allowed = {"adapter", "allocator", "selector", "budget"}
-        unknown = sorted(set(config) - allowed)
-        if unknown:
-            raise ConfigError(f"unknown pipeline config keys {unknown}; allowed: {sorted(allowed)}")
-        missing = sorted({"allocator", "selector", "budget"} - set(config))
+        structure, keys = split_config(config)
+        missing = sorted({"allocator", "selector", "budget"} - set(structure))
         if missing:
             raise ConfigError(f"pipeline config is missing {missing}")
+        resolved = apply_overrides(structure, keys)
         return cls(
-            adapter=config.get("adapter"),
-            allocator=config["allocator"],
-            selector=config["selector"],
-            budget=config["budget"],
+            adapter=resolved["adapter"],
+            allocator=resolved["allocator"],
+            selector=resolved["selector"],
+            budget=resolved["budget"],
         )
 
     def __eq__(self, other: object) -> bool:

@@ -16,16 +16,20 @@ Build by name, by preset name, or from a config dict::
 
 Third-party packages register through the entry-point group ``tokenprune.plugins``; the
 entry point names a module (imported for its decorators) or a zero-argument function
-(called). Plugins and built-ins load lazily, on the first lookup or listing.
+(called). Loading is lazy and per stage (like mmengine's registry ``locations``): the first
+lookup or listing in a registry imports that registry's built-in package only (an allocator
+lookup never imports the adapters), then every plugin once. A registration into a registry
+whose built-ins have not loaded yet loads them first, so a built-in name always comes first
+and a clash is reported against it.
 """
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import importlib
 import inspect
 import re
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Mapping
@@ -34,7 +38,7 @@ from importlib import metadata
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
-from .errors import ConfigError, DuplicateNameError, UnknownNameError
+from .errors import ConfigError, DuplicateNameError, UnknownNameError, did_you_mean
 
 __all__ = [
     "Registry",
@@ -59,7 +63,6 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "tokenprune.plugins"
-_BUILTIN_MODULES = ("tokenprune.strategies", "tokenprune.adapters")
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _PRESET = re.compile(r"^([a-z][a-z0-9_]*)@([a-z0-9][a-z0-9_]*)$")
 
@@ -122,28 +125,32 @@ _plugins_loaded = False
 
 
 def load_plugins(*, reload: bool = False) -> None:
-    """Import the built-in strategies/adapters and every ``tokenprune.plugins`` entry point.
+    """Import the built-ins of every registry and every ``tokenprune.plugins`` entry point.
 
-    Called automatically on the first registry lookup. A plugin that fails to load is
-    reported with a ``RuntimeWarning`` naming it; the others still load.
+    Lookups call this on their own, lazily and per stage; call it to load everything at once
+    (``reload=True`` reads the entry points again). A plugin that fails to load, or raises
+    ``SystemExit`` while loading, is reported with a ``RuntimeWarning`` naming it; the others
+    still load.
     """
+    for registry in REGISTRIES.values():
+        registry.load_builtins()
+    _load_entry_points(reload=reload)
+
+
+def _load_entry_points(*, reload: bool = False) -> None:
     global _plugins_loaded
+    if _plugins_loaded and not reload:
+        return
     with _load_lock:
         if _plugins_loaded and not reload:
             return
-        _plugins_loaded = True  # set first: the imports below register into the registries
-        try:
-            for module in _BUILTIN_MODULES:
-                importlib.import_module(module)
-        except BaseException:
-            _plugins_loaded = False  # the next lookup retries rather than seeing a partial registry
-            raise
+        _plugins_loaded = True  # set first: the plugins look names up while they register
         for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
             try:
                 loaded = entry_point.load()
                 if callable(loaded) and not inspect.ismodule(loaded) and not inspect.isclass(loaded):
                     loaded()
-            except Exception as exc:  # a broken plugin (or a name clash) must not break the toolkit
+            except (Exception, SystemExit) as exc:  # a broken plugin (or a name clash) must not break the toolkit
                 warnings.warn(
                     f"tokenprune plugin {entry_point.name!r} ({entry_point.value}) failed to "
                     f"load: {type(exc).__name__}: {exc}",
@@ -153,20 +160,41 @@ def load_plugins(*, reload: bool = False) -> None:
 
 
 def _suggest(name: str, candidates: list[str], what: str) -> str:
-    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     listing = ", ".join(candidates) if candidates else "(none registered)"
-    return f"{hint} Available {what}: {listing}."
+    return f"{did_you_mean(name, candidates)} Available {what}: {listing}."
 
 
 class Registry(Generic[T]):
     """Names to factories for one pipeline stage."""
 
-    def __init__(self, stage: str, base: type) -> None:
+    def __init__(self, stage: str, base: type, locations: tuple[str, ...] = ()) -> None:
         self.stage = stage
         self.base = base
+        #: Modules imported (for their registration decorators) before the first lookup.
+        self.locations = tuple(locations)
+        self._builtins_loaded = not self.locations
         self._entries: dict[str, Entry] = {}
         self._presets: dict[str, Preset] = {}
+
+    def load_builtins(self) -> None:
+        """Import this registry's :attr:`locations` once; a failed import is retried next time."""
+        if self._builtins_loaded:
+            return
+        with _load_lock:
+            if self._builtins_loaded:
+                return
+            self._builtins_loaded = True  # set first: the imports below register into this registry
+            try:
+                for module in self.locations:
+                    importlib.import_module(module)
+            except BaseException:
+                self._builtins_loaded = False  # the next lookup retries rather than seeing a partial registry
+                raise
+
+    def _load(self) -> None:
+        """Everything a lookup needs: this registry's built-ins, then the plugins."""
+        self.load_builtins()
+        _load_entry_points()
 
     def __repr__(self) -> str:
         return f"Registry({self.stage!r}, {len(self._entries)} entries, {len(self._presets)} presets)"
@@ -193,6 +221,8 @@ class Registry(Generic[T]):
         return decorator
 
     def _add(self, entry: Entry) -> None:
+        if not any(module in sys.modules for module in self.locations):
+            self.load_builtins()  # built-in names first, so a clash names the built-in
         existing = self._entries.get(entry.name)
         if existing is not None:
             if existing.factory is entry.factory:
@@ -230,7 +260,7 @@ class Registry(Generic[T]):
 
     # ----------------------------------------------------------------- lookup
     def names(self, *, presets: bool = True) -> list[str]:
-        load_plugins()
+        self._load()
         names = list(self._entries)
         if presets:
             names += list(self._presets)
@@ -243,8 +273,13 @@ class Registry(Generic[T]):
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name in self.names()
 
+    def entries(self) -> dict[str, Entry]:
+        """Every registered entry (presets excluded), by name."""
+        self._load()
+        return dict(self._entries)
+
     def entry(self, name: str) -> Entry:
-        load_plugins()
+        self._load()
         if name in self._entries:
             return self._entries[name]
         if name in self._presets:
@@ -261,7 +296,7 @@ class Registry(Generic[T]):
         )
 
     def preset(self, name: str) -> Preset | None:
-        load_plugins()
+        self._load()
         return self._presets.get(name)
 
     def summary(self, name: str) -> str:
@@ -283,10 +318,8 @@ class Registry(Generic[T]):
             unknown = [k for k in merged if k not in allowed]
             if unknown:
                 key = unknown[0]
-                close = difflib.get_close_matches(key, list(allowed), n=3, cutoff=0.5)
-                hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
                 raise ConfigError(
-                    f"{self.stage} {name!r} has no option {key!r}.{hint} "
+                    f"{self.stage} {name!r} has no option {key!r}.{did_you_mean(key, allowed)} "
                     f"Its options: {', '.join(allowed) or '(none)'}."
                 )
         return entry, merged
@@ -318,7 +351,7 @@ class Registry(Generic[T]):
 
     def name_of(self, instance: object) -> str:
         """The registered name of ``instance``'s class (raises if it was never registered)."""
-        load_plugins()
+        self._load()
         for name, entry in self._entries.items():
             if type(instance) is entry.factory:
                 return name
@@ -332,9 +365,9 @@ class Registry(Generic[T]):
 # this module, so there is no cycle.
 from .contracts import Adapter, BudgetAllocator, Selector  # noqa: E402
 
-ADAPTERS: Registry[Adapter] = Registry("adapter", Adapter)
-ALLOCATORS: Registry[BudgetAllocator] = Registry("allocator", BudgetAllocator)
-SELECTORS: Registry[Selector] = Registry("selector", Selector)
+ADAPTERS: Registry[Adapter] = Registry("adapter", Adapter, ("tokenprune.adapters",))
+ALLOCATORS: Registry[BudgetAllocator] = Registry("allocator", BudgetAllocator, ("tokenprune.strategies",))
+SELECTORS: Registry[Selector] = Registry("selector", Selector, ("tokenprune.strategies",))
 
 register_adapter = ADAPTERS.register
 register_allocator = ALLOCATORS.register

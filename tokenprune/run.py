@@ -20,47 +20,16 @@ from typing import Any
 import torch
 
 from .pipeline import Pipeline
+from .runtime import (
+    BUILTIN_MODEL,
+    DTYPES,
+    chat_prompt,
+    default_device,
+    load_model,
+    read_config_file,
+)
 
-__all__ = ["add_run_parser", "run", "show", "load_model"]
-
-_ADAPTER_OF_CLASS = {
-    "LlavaNextForConditionalGeneration": "llava_next",
-    "LlavaForConditionalGeneration": "llava",
-}
-
-
-def load_model(path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None) -> tuple[Any, Any, str]:
-    """Model, processor and adapter name for a local checkpoint folder (no download)."""
-    import transformers
-
-    from .errors import ConfigError
-
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise ConfigError(f"--model {path!s}: no config.json there; give a local checkpoint folder")
-    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    architectures = getattr(config, "architectures", None) or []
-    names = [a for a in architectures if a in _ADAPTER_OF_CLASS]
-    if not names:
-        raise ConfigError(
-            f"--model {path!s} is a {architectures or type(config).__name__}; tokenprune runs "
-            f"{', '.join(_ADAPTER_OF_CLASS)} checkpoints (convert ShareGPT4V ones with "
-            "'tokenprune convert sharegpt4v')"
-        )
-    model_class = getattr(transformers, names[0])
-    model = model_class.from_pretrained(folder, local_files_only=True, dtype=dtype or "auto").to(device).eval()
-    processor = transformers.AutoProcessor.from_pretrained(folder, local_files_only=True)
-    return model, processor, _ADAPTER_OF_CLASS[names[0]]
-
-
-DTYPES: dict[str, torch.dtype | None] = {
-    "auto": None,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-"""``--dtype`` / config ``dtype`` names; ``auto`` keeps the checkpoint's own dtype."""
-
+__all__ = ["add_run_parser", "run", "show", "load_model"]  # load_model: re-exported from tokenprune.runtime
 
 def _median_time(function: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     """Median wall time of ``repeats`` calls after one untimed warm-up call."""
@@ -76,28 +45,17 @@ def _median_time(function: Callable[[], Any], repeats: int) -> tuple[float, Any]
     return statistics.median(times), result
 
 
-def _prompt(processor: Any, question: str) -> str:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    if getattr(processor, "chat_template", None):
-        return processor.apply_chat_template(messages, add_generation_prompt=True)
-    return f"USER: {processor.image_token}\n{question} ASSISTANT:"
-
-
 def _model_image_pipeline(args: argparse.Namespace) -> tuple[Any, Any, str, Any, str, Pipeline]:
     """Model, processor, a description of it, the image, its name and the pipeline."""
     from PIL import Image
 
     torch.manual_seed(args.seed)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or default_device()
     if args.model:
         model, processor, detected = load_model(args.model, device=device, dtype=DTYPES[args.dtype])
         source = f"checkpoint {args.model}"
     else:
-        from tokenprune.tiny import tiny_llava_next
-
-        model, processor = tiny_llava_next(seed=args.seed)
-        model = model.to(device)
-        detected = "llava_next"
+        model, processor, detected = load_model(BUILTIN_MODEL, device=device, seed=args.seed)
         source = "built-in tiny LLaVA-NeXT with RANDOM weights (mechanics demo: its text is noise; use --model PATH for a real checkpoint)"
     if args.image:
         image = Image.open(args.image).convert("RGB")
@@ -108,9 +66,7 @@ def _model_image_pipeline(args: argparse.Namespace) -> tuple[Any, Any, str, Any,
         image, image_name = sample_image(), "built-in sample picture"
     spec: dict[str, Any] = {"adapter": detected, "allocator": "hired", "selector": "cls_final", "budget": "0.2"}
     if getattr(args, "config", None):
-        from .experiments.sweep import _read
-
-        loaded = _read(Path(args.config))
+        loaded = read_config_file(Path(args.config))
         spec.update(loaded.get("base", loaded))
     # explicit command-line choices win over the config file and the defaults
     for part in ("adapter", "allocator", "selector", "budget"):
@@ -128,7 +84,7 @@ def _draw(pipe: Pipeline, model: Any, processor: Any, image: Any, out: str) -> P
     crops, _, _ = pipe.adapter._crops_and_layouts(model, processor, inputs["pixel_values"], inputs.get("image_sizes"))  # type: ignore[union-attr]
     image_processor = processor.image_processor
     pictures = crops_to_images(crops[0], getattr(image_processor, "image_mean", None), getattr(image_processor, "image_std", None))
-    title = f"allocator {pipe._part_label('allocator')}, selector {pipe._part_label('selector')}, budget {pipe.budget}"
+    title = f"allocator {pipe.part_label('allocator')}, selector {pipe.part_label('selector')}, budget {pipe.budget}"
     return kept_tokens_figure(pictures, image_tokens.layout, image_tokens.selection, stats.allocated, out, title=title)
 
 
@@ -136,7 +92,7 @@ def show(args: argparse.Namespace) -> int:
     """``tokenprune show``: the kept-token picture for one image + prompt, any pipeline."""
     model, processor, source, image, image_name, pipe = _model_image_pipeline(args)
     with torch.inference_mode():
-        pipe.prepare(model, processor, images=image, text=_prompt(processor, args.prompt), question=args.prompt)
+        pipe.prepare(model, processor, images=image, text=chat_prompt(processor, args.prompt), question=args.prompt)
     stats = pipe.last_stats[0]
     print(f"model: {source}\nimage: {image_name} ({image.width}x{image.height} px)")
     print(pipe.describe())
@@ -155,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.set_device(device)  # timing synchronises the current device
-    text = _prompt(processor, args.prompt)
+    text = chat_prompt(processor, args.prompt)
     print(f"model:    {source}")
     print(f"image:    {image_name} ({image.width}x{image.height} px)")
     print(pipe.describe())

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import ConfigError, TokenpruneError
+from ..runtime import rank_from_env  # re-exported: tokenprune.experiments.rank_from_env
 from .metrics import METRICS
 
 if TYPE_CHECKING:
@@ -451,19 +452,6 @@ def shard(samples: Iterable[T], rank: int, world_size: int) -> list[T]:
         raise ConfigError(f"rank must be in [0, {world_size - 1}] for world_size {world_size}, got {rank}")
     items: Sequence[T] = samples if isinstance(samples, Sequence) else list(samples)
     return list(items[rank::world_size])
-
-
-def rank_from_env(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
-    """``(rank, world_size)`` from ``RANK``/``WORLD_SIZE`` (set by torchrun and accelerate), else (0, 1)."""
-    env = os.environ if environ is None else environ
-    try:
-        rank = int(env.get("RANK", "0"))
-        world_size = int(env.get("WORLD_SIZE", "1"))
-    except ValueError:
-        raise ConfigError(f"RANK/WORLD_SIZE must be ints, got {env.get('RANK')!r}/{env.get('WORLD_SIZE')!r}") from None
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ConfigError(f"RANK={rank} is not in [0, WORLD_SIZE={world_size})")
-    return rank, world_size
 
 
 def _check_limit(limit: object) -> None:

@@ -41,7 +41,6 @@ entry points while it initialises, and would find this module half-imported.
 from __future__ import annotations
 
 import ast
-import difflib
 import json
 import os
 import re
@@ -54,8 +53,11 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from loguru import logger
 
-from tokenprune.errors import ConfigError, IncompatibleError
+from tokenprune.adapter import VLMAdapter
+from tokenprune.errors import ConfigError, IncompatibleError, close_matches
+from tokenprune.overrides import apply_overrides
 from tokenprune.pipeline import Pipeline
+from tokenprune.runtime import chat_prompt, default_device, load_model, parse_dtype, rank_from_env
 
 __all__ = [
     "MODEL_NAMES",
@@ -71,20 +73,8 @@ MODEL_NAMES: dict[str, str] = {
     "tokenprune_llava_next": "TokenpruneLlavaNext",
     "tokenprune_llava": "TokenpruneLlava",
 }
-# The plugin model to use for each adapter that tokenprune.run.load_model detects.
+# The plugin model to use for each adapter that tokenprune.runtime.load_model detects.
 _MODEL_FOR_ADAPTER = {"llava_next": "tokenprune_llava_next", "llava": "tokenprune_llava"}
-_PARTS = ("adapter", "allocator", "selector")
-_DTYPES: dict[str, torch.dtype | None] = {
-    "auto": None,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-}
 # generation_kwargs keys of lmms-eval tasks that the plugin reads; others are ignored (logged once).
 _GEN_KEYS = ("until", "max_new_tokens", "temperature", "do_sample", "top_p", "num_beams")
 _INT = re.compile(r"[+-]?\d+")
@@ -175,32 +165,6 @@ def parse_model_args(arg_string: str) -> dict[str, Any]:
     return args
 
 
-def _split_options(options: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """``part.name`` keys per part, and the bare keys (routed by Pipeline)."""
-    per_part: dict[str, dict[str, Any]] = {part: {} for part in _PARTS}
-    bare: dict[str, Any] = {}
-    for key, value in options.items():
-        part, dot, name = key.partition(".")
-        if not dot:
-            bare[key] = value
-            continue
-        if part not in per_part or not name:
-            close = difflib.get_close_matches(part, _PARTS, n=1, cutoff=0.5)
-            hint = f" Did you mean {close[0] + '.' + name!r}?" if close and name else ""
-            raise ConfigError(
-                f"model_args key {key!r}: options are written allocator.NAME, selector.NAME or "
-                f"adapter.NAME.{hint}"
-            )
-        per_part[part][name] = value
-    return per_part, bare
-
-
-def _dtype(value: Any) -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    if isinstance(value, str) and value.strip().lower() in _DTYPES:
-        return _DTYPES[value.strip().lower()]
-    raise ConfigError(f"dtype={value!r} is not understood; use auto, float16, bfloat16 or float32")
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -211,12 +175,6 @@ def _positive_int(name: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{name}={value!r} must be an int >= 1")
     return value
-
-
-def _default_device() -> str:
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return "cpu"
 
 
 def _cut_at_stops(text: str, stops: Sequence[str]) -> str:
@@ -270,43 +228,37 @@ class _TokenprunePlugin(lmms):
             raise ConfigError(f"{self.model_name}: model_args needs pretrained=PATH (a local checkpoint folder)")
         self.batch_size_per_device = _positive_int("batch_size", batch_size)
         self.max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
-        torch_dtype = _dtype(dtype)
-        per_part, bare = _split_options(options)
+        torch_dtype = parse_dtype(dtype)
+        bare = [key for key in options if "." not in key]
         adapter_name = adapter if adapter is not None else self.default_adapter
-        try:
-            self.pipe = Pipeline(
-                adapter=adapter_name,
-                allocator=allocator,
-                selector=selector,
-                budget=budget,
-                adapter_options=per_part["adapter"],
-                allocator_options=per_part["allocator"],
-                selector_options=per_part["selector"],
-                **bare,
-            )
+        parts = {"adapter": adapter_name, "allocator": allocator, "selector": selector, "budget": budget}
+        try:  # the one override grammar, shared with Pipeline.from_dict and sweep grids
+            self.pipe = Pipeline.from_dict(apply_overrides(parts, options))
         except ConfigError as error:
             hints = [
                 f"{close[0]!r} for {key!r}"
                 for key in bare
-                if (close := difflib.get_close_matches(key, _OWN_ARGS, n=1, cutoff=0.75))
+                if (close := close_matches(key, _OWN_ARGS, n=1, cutoff=0.75))
             ]
             if not hints:
                 raise
             raise ConfigError(
                 f"{error} Did you mean {', '.join(hints)} (a model_args key of {self.model_name})?"
             ) from error
+        if not isinstance(self.pipe.adapter, VLMAdapter):
+            raise ConfigError(
+                f"{self.model_name} needs a VLM adapter (llava_next, llava, sharegpt4v); got "
+                f"{self.pipe.part_label('adapter')}"
+            )
         self.chat_template = chat_template
         self.stats: list[dict[str, Any]] = []
-        self._rank = int(os.environ.get("RANK", "0"))
-        self._world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self._rank, self._world_size = rank_from_env()
         self.stats_path = self._rank_path(stats_path)
         try:
-            self._device = torch.device(device or _default_device())
+            self._device = torch.device(device or default_device())
         except (RuntimeError, TypeError):
             raise ConfigError(f"device={device!r} is not a torch device; use cuda, cuda:1, cpu ...") from None
         self._ignored_gen_keys: set[str] = set()
-
-        from tokenprune.run import load_model
 
         self._model, self._processor, detected = load_model(
             Path(str(pretrained)).expanduser(), device=str(self._device), dtype=torch_dtype
@@ -315,11 +267,9 @@ class _TokenprunePlugin(lmms):
         logger.info(f"{self.model_name}: {pretrained}\n{self.pipe.describe()}")
 
     def _check_model(self, detected: str) -> None:
-        check = getattr(self.pipe.adapter, "check_model", None)
-        if check is None:
-            return
+        assert isinstance(self.pipe.adapter, VLMAdapter)  # checked before the model loaded
         try:
-            check(self._model, self._processor)
+            self.pipe.adapter.check_model(self._model, self._processor)
         except IncompatibleError as error:
             other = _MODEL_FOR_ADAPTER.get(detected)
             if other is None or other == self.model_name:
@@ -455,22 +405,7 @@ class _TokenprunePlugin(lmms):
 
     def _prompt(self, context: str, images: int) -> str:
         """The chat-formatted prompt with one image placeholder per image."""
-        token = self._processor.image_token
-        inline = context.count(token)
-        if inline and inline != images:
-            raise ConfigError(
-                f"the context holds {inline} image token(s) {token!r} but the document has {images} image(s)"
-            )
-        content: list[dict[str, str]] = [] if inline else [{"type": "image"}] * images
-        content.append({"type": "text", "text": context})
-        template = self.chat_template or getattr(self._processor, "chat_template", None)
-        if template:
-            messages = [{"role": "user", "content": content}]
-            return self._processor.apply_chat_template(
-                messages, chat_template=template, add_generation_prompt=True, tokenize=False
-            )
-        prefix = "" if inline else f"{token}\n" * images
-        return f"USER: {prefix}{context} ASSISTANT:"
+        return chat_prompt(self._processor, context, images=images, chat_template=self.chat_template)
 
     def _generate_kwargs(self, gen_kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """lmms-eval ``generation_kwargs`` as ``model.generate`` kwargs.

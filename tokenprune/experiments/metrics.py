@@ -30,12 +30,11 @@ Deviations from the official VQAv2 script (``vqaEval.py``), all deliberate:
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 
-from ..errors import ConfigError, UnknownNameError
+from ..errors import ConfigError, UnknownNameError, did_you_mean
 
 __all__ = [
     "METRICS",
@@ -244,8 +243,7 @@ def _lookup(metric: str) -> Metric:
     try:
         return _METRICS[metric]
     except (KeyError, TypeError):
-        close = difflib.get_close_matches(str(metric), list(_METRICS), n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        hint = did_you_mean(metric, _METRICS)
         raise UnknownNameError(f"no metric named {metric!r}.{hint} Available: {', '.join(sorted(_METRICS))}.") from None
 
 

@@ -20,9 +20,10 @@ A config names a model, a dataset, a base pipeline and a grid; every grid point 
       budget: [0.1, 0.2]
 
 Grid keys: ``adapter`` / ``allocator`` / ``selector`` (a name, preset name or config dict:
-replaces that part, options included), ``budget``, and ``<part>.<option>`` (sets one
-option, after any part replacement). Every grid point is validated before the first sample
-runs.
+replaces that part, options included), ``budget``, ``<part>.<option>`` (sets one
+option, after any part replacement) and a bare option name (routed to the one part that
+takes it): the grammar of :func:`tokenprune.overrides.apply_overrides`. Every grid point
+is validated before the first sample runs.
 
 Results are one append-only JSONL row per (grid point, sample), flushed and fsynced: a
 restart skips what is done; a killed run restarted ends with every row exactly once. Under
@@ -32,12 +33,10 @@ N-th sample and writes its own shard; rank 0 merges and summarises when all are 
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import os
 import time
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +46,9 @@ import torch
 
 from ..cost import LLMShape, prefill_flops
 from ..errors import ConfigError, TokenpruneError
+from ..overrides import apply_overrides
 from ..pipeline import Pipeline
+from ..runtime import BUILTIN_MODEL, chat_prompt, default_device, load_model, parse_dtype, rank_from_env, read_config_file
 from .datasets import SHORT_ANSWER_PROMPT, Sample, load_samples, shard
 from .metrics import METRICS, score_all
 from .progress import progress
@@ -90,27 +91,6 @@ class SweepConfig:
     seed: int
 
 
-def _read(path: Path) -> dict[str, Any]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    elif path.suffix == ".toml":
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"{path}: not valid TOML: {error}") from None
-    else:
-        raise ConfigError(f"{path}: a sweep config must be .yaml, .yml or .toml")
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
-    return dict(data)
-
-
 def load_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> SweepConfig:
     """Parse and check a sweep config (a file path or an already-loaded mapping)."""
     if isinstance(source, Mapping):
@@ -119,7 +99,7 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> SweepConf
         path = Path(source)
         if not path.is_file():
             raise ConfigError(f"sweep config {path} does not exist")
-        data, origin, folder = _read(path), str(path), path.parent
+        data, origin, folder = read_config_file(path), str(path), path.parent
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
         raise ConfigError(f"{origin}: unknown keys {unknown}; allowed: {sorted(_TOP_KEYS)}")
@@ -139,9 +119,10 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> SweepConf
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{origin}: grid key {key!r} needs a non-empty list of values, got {values!r}")
             part = key.split(".", 1)[0]
-            if key != "budget" and part not in _PARTS:
+            if "." in key and part not in _PARTS:
                 raise ConfigError(
-                    f"{origin}: grid key {key!r} must be 'budget', a part ({', '.join(_PARTS)}) or '<part>.<option>'"
+                    f"{origin}: grid key {key!r} must be 'budget', a part ({', '.join(_PARTS)}), "
+                    "'<part>.<option>' or an option name"
                 )
             entry[str(key)] = list(values)
         checked.append(entry)
@@ -182,24 +163,7 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> SweepConf
 
 
 def _apply(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    config = copy.deepcopy(dict(base))
-    for part in _PARTS:  # normalise parts to {"name": ..., **options}
-        value = config.get(part)
-        if isinstance(value, str):
-            config[part] = {"name": value}
-    # whole-part replacements first, then single options
-    for key, value in overrides.items():
-        if key in _PARTS:
-            config[key] = {"name": value} if isinstance(value, str) else dict(value)
-        elif key == "budget":
-            config["budget"] = value
-    for key, value in overrides.items():
-        if "." in key:
-            part, option = key.split(".", 1)
-            if not isinstance(config.get(part), Mapping):
-                raise ConfigError(f"grid key {key!r}: the base config has no {part}")
-            config[part][option] = value
-    return config
+    return apply_overrides(base, overrides)  # the one override grammar, shared with Pipeline and lmms-eval
 
 
 def grid_points(config: SweepConfig) -> list[GridPoint]:
@@ -262,24 +226,13 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-_RANK_VARIABLES = (
-    ("RANK", "WORLD_SIZE"),  # torchrun, i.e. accelerate launch --multi_gpu
-    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),  # accelerate's multi-CPU mode (mpirun)
-    ("PMI_RANK", "PMI_SIZE"),
-)
-
-
 class _Ranks:
     """This process's rank among the launcher's processes, and a barrier across them."""
 
     def __init__(self) -> None:
         environ = os.environ
-        self.rank, self.world_size = 0, 1
-        for rank_name, size_name in _RANK_VARIABLES:
-            if rank_name in environ and size_name in environ:
-                self.rank, self.world_size = int(environ[rank_name]), int(environ[size_name])
-                break
-        else:
+        self.rank, self.world_size = rank_from_env(environ)
+        if self.world_size == 1:
             if environ.get("MASTER_ADDR") and str(environ.get("ACCELERATE_USE_CPU", "")).lower() == "true":
                 raise ConfigError(
                     "accelerate launch --cpu with --num_processes > 1 starts a single process (accelerate's "
@@ -287,8 +240,6 @@ class _Ranks:
                     "'accelerate launch --multi_gpu --num_processes N -m tokenprune sweep CONFIG' (torchrun "
                     "processes, gloo), or pass --num_processes 1"
                 )
-        if not 0 <= self.rank < self.world_size:
-            raise ConfigError(f"rank {self.rank} is not in [0, world size {self.world_size})")
         self._group = False
         if self.world_size > 1:
             import torch.distributed as dist
@@ -297,7 +248,7 @@ class _Ranks:
                 from datetime import timedelta
 
                 if torch.cuda.is_available():
-                    torch.cuda.set_device(int(environ.get("LOCAL_RANK", "0")))
+                    torch.cuda.set_device(torch.device(default_device(environ)))
                 backend = "nccl" if torch.cuda.is_available() else "gloo"
                 # ranks may finish hours apart (a resumed shard is already done): wait, don't time out
                 dist.init_process_group(
@@ -306,9 +257,7 @@ class _Ranks:
                 self._group = True
 
     def device(self) -> str:
-        if not torch.cuda.is_available():
-            return "cpu"
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if self.world_size > 1 else "cuda"
+        return default_device() if self.world_size > 1 else default_device({})
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -325,30 +274,16 @@ class _Ranks:
 
 
 def _load(config: SweepConfig, device: str) -> tuple[Any, Any, str, str]:
-    if config.model == "builtin":
-        from tokenprune.tiny import tiny_llava_next
-
-        model, processor = tiny_llava_next(seed=config.seed)
-        return model.to(device), processor, "llava_next", "builtin:tiny-llava-next"
-    from ..run import DTYPES, load_model
-
-    if config.dtype not in DTYPES:
-        raise ConfigError(f"dtype {config.dtype!r} is not one of {', '.join(DTYPES)}")
-    model, processor, adapter = load_model(config.model, device=device, dtype=DTYPES[config.dtype])
-    return model, processor, adapter, str(Path(config.model).resolve())
-
-
-def _chat(processor: Any, question: str) -> str:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    if getattr(processor, "chat_template", None):
-        return processor.apply_chat_template(messages, add_generation_prompt=True)
-    return f"USER: {processor.image_token}\n{question} ASSISTANT:"
+    dtype = parse_dtype(config.dtype)
+    model, processor, adapter = load_model(config.model, device=device, dtype=dtype, seed=config.seed)
+    model_id = "builtin:tiny-llava-next" if config.model == BUILTIN_MODEL else str(Path(config.model).resolve())
+    return model, processor, adapter, model_id
 
 
 def _evaluate(
     pipeline: Pipeline, model: Any, processor: Any, sample: Sample, config: SweepConfig, llm: LLMShape | None
 ) -> dict[str, Any]:
-    text = _chat(processor, config.prompt.format(question=sample.question))
+    text = chat_prompt(processor, config.prompt.format(question=sample.question))
     image = sample.load_image()
     generation = {"max_new_tokens": 16, "do_sample": False, **config.generation}
     if torch.cuda.is_available():
