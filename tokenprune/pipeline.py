@@ -20,7 +20,13 @@ from typing import Any, TypeVar
 import torch
 
 from .adapter import TowerAdapter, VLMAdapter
-from .budget import Budget, check_budget_tensor, check_budget_values, host_split, parse_budget
+from .budget import (
+    Budget,
+    check_budget_tensor,
+    check_budget_values,
+    host_split,
+    parse_budget,
+)
 from .contracts import (
     Adapter,
     BudgetAllocator,
