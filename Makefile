@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.tokenprune-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-long test-compat bench clean
+.PHONY: setup demo test test-long test-long-budget test-compat bench clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ test-compat: $(STAMP)
 
 test-long: $(STAMP)
 	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Nightly-style: the long hypothesis profile (5000 examples) on the budget properties only
+# (about 12 minutes); the CI profile's 500 examples never reached issue 11.13's case.
+test-long-budget: $(STAMP)
+	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest -q $(PYTEST_ARGS) tests/test_apportion.py tests/test_invariants.py tests/test_budget.py
 
 bench: $(STAMP)
 	@for script in benchmarks/[!_]*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from abc import abstractmethod
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 
-from tokenprune.contracts import finite_or_raise
+from tokenprune.budget import check_budget_tensor, check_budget_values, host_split
+from tokenprune.contracts import Layout, Selection, Selector, Signals, finite_or_raise
 from tokenprune.errors import ConfigError, ContractError
 
-__all__ = ["reduce_heads", "topk_per_partition", "mean_attention"]
+__all__ = ["BatchedSelector", "attention_order", "host_budgets", "mean_attention", "reduce_heads", "topk_batch", "topk_per_partition"]
 
 HeadReduction = Literal["sum", "mean"]
 
@@ -30,38 +33,106 @@ def mean_attention(signals_attention: list[torch.Tensor], how: HeadReduction) ->
     return stacked.mean(dim=0)
 
 
+def attention_order(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Valid token indices of one partition by descending score, ties to the lower index."""
+    masked = scores.masked_fill(~valid, float("-inf"))
+    order = torch.sort(masked, descending=True, stable=True).indices
+    return order[: int(valid.sum())]
+
+
+def host_budgets(budgets: Sequence[torch.Tensor], layouts: Sequence[Layout], who: str) -> list[tuple[int, ...]]:
+    """Per-image budgets checked against the layouts and read to the host in one transfer
+    (the per-image entry points; the pipeline hands selectors host counts directly)."""
+    for layout, tensor in zip(layouts, budgets):
+        check_budget_tensor(tensor, layout.num_partitions, who)
+    counts = host_split([b.long() for b in budgets])
+    for layout, values in zip(layouts, counts):
+        check_budget_values(values, layout.capacity_counts, who)
+    return counts
+
+
+def topk_batch(
+    scores: Sequence[torch.Tensor],
+    layouts: Sequence[Layout],
+    budgets: Sequence[torch.Tensor],
+    counts: Sequence[tuple[int, ...]],
+    *,
+    what: str = "scores",
+) -> list[tuple[torch.Tensor, ...]]:
+    """Per image, the indices of each partition's ``counts[i][p]`` highest valid scores, ascending.
+
+    All partitions of all images in one sort, one rank and one ``nonzero_static`` sized by
+    the host ``counts`` (no host read). Ties go to the lower index (stable sort), so the
+    result at budget ``b`` is a subset of the result at ``b + 1``; padding is never chosen.
+    ``counts`` must already be checked against capacity (:func:`host_budgets` or the pipeline).
+    """
+    for score, layout in zip(scores, layouts):
+        if score.shape != layout.valid.shape:
+            raise ContractError(f"{what} have shape {tuple(score.shape)}, valid mask {tuple(layout.valid.shape)}")
+    flat_scores = torch.cat(list(scores)).float() if len(scores) > 1 else scores[0].float()
+    finite_or_raise(flat_scores, what)  # after the cast: a float64 score below float32's range would tie with padding
+    device = flat_scores.device
+    valid = torch.cat([layout.valid for layout in layouts]).to(device) if len(layouts) > 1 else layouts[0].valid.to(device)
+    wanted = torch.cat(list(budgets)) if len(budgets) > 1 else budgets[0]
+    masked = flat_scores.masked_fill(~valid, float("-inf"))
+    order = torch.sort(masked, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=device).expand_as(order))
+    keep = rank < wanted.to(device)[:, None]
+    sizes = [c for image in counts for c in image]
+    kept = torch.nonzero_static(keep, size=sum(sizes))[:, 1]
+    pieces = torch.split(kept, sizes)
+    out, start = [], 0
+    for image in counts:
+        out.append(tuple(pieces[start : start + len(image)]))
+        start += len(image)
+    return out
+
+
 def topk_per_partition(
     scores: torch.Tensor, valid: torch.Tensor, budgets: torch.Tensor, *, what: str = "scores"
 ) -> tuple[torch.Tensor, ...]:
     """Indices of the ``budgets[p]`` highest valid scores of each partition, ascending.
 
-    Ties go to the lower index (stable sort), so the result at budget ``b`` is a subset of
-    the result at ``b + 1``. Padding tokens are never chosen; a budget above a partition's
-    valid count is a :class:`~tokenprune.ContractError` (allocators must cap at capacity).
+    The one-image form of :func:`topk_batch` (one host read of the budgets). A budget
+    above a partition's valid count is a :class:`~tokenprune.ContractError` (allocators
+    must cap at capacity).
     """
     if scores.shape != valid.shape:
         raise ContractError(f"{what} have shape {tuple(scores.shape)}, valid mask {tuple(valid.shape)}")
-    scores = scores.float()
-    finite_or_raise(scores, what)  # after the cast: a float64 score below float32's range would tie with padding
-    if (
-        not isinstance(budgets, torch.Tensor)
-        or tuple(budgets.shape) != (scores.shape[0],)
-        or budgets.dtype.is_floating_point
-        or budgets.dtype == torch.bool
-        or bool((budgets < 0).any())
-    ):
-        raise ContractError(
-            f"budgets must be non-negative integers of shape [{scores.shape[0]}], got {budgets!r}"
-        )
-    valid = valid.to(scores.device)
-    budgets = budgets.to(scores.device)
-    if bool((budgets > valid.sum(dim=1)).any()):
-        raise ContractError(
-            f"budgets {budgets.tolist()} exceed the valid tokens per partition {valid.sum(dim=1).tolist()}"
-        )
-    masked = scores.masked_fill(~valid, float("-inf"))
-    order = torch.sort(masked, dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    keep = rank < budgets[:, None]
-    return tuple(torch.nonzero(row).flatten() for row in keep)
+    check_budget_tensor(budgets, scores.shape[0], what)
+    values = host_split([budgets.long()])[0]
+    check_budget_values(values, valid.sum(dim=1).tolist(), what)
+    layout = _Rows(valid)
+    return topk_batch([scores], [layout], [budgets], [values], what=what)[0]  # type: ignore[list-item]
+
+
+class _Rows:
+    """A stand-in with the one attribute :func:`topk_batch` reads from a layout."""
+
+    def __init__(self, valid: torch.Tensor) -> None:
+        self.valid = valid
+
+
+class BatchedSelector(Selector):
+    """A built-in selector: the whole batch in :meth:`select_counted` (host budgets given);
+    the per-image and per-batch entry points read the budgets once, then make that pass."""
+
+    def select(self, layout: Layout, signals: Signals, budgets: torch.Tensor) -> Selection:
+        return self.select_batch([layout], [signals], [budgets])[0]
+
+    def select_batch(
+        self, layouts: Sequence[Layout], signals: Sequence[Signals], budgets: Sequence[torch.Tensor]
+    ) -> list[Selection]:
+        counts = host_budgets(budgets, layouts, f"selector {self.registry_name or type(self).__name__!r}")
+        return self.select_counted(layouts, signals, budgets, counts)
+
+    @abstractmethod
+    def select_counted(
+        self,
+        layouts: Sequence[Layout],
+        signals: Sequence[Signals],
+        budgets: Sequence[torch.Tensor],
+        counts: Sequence[tuple[int, ...]],
+    ) -> list[Selection]:
+        """Selections of every image, sized by the host ``counts``."""

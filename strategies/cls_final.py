@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from tokenprune.strategies._scores import reduce_heads, topk_per_partition
+from tokenprune.strategies._scores import BatchedSelector, reduce_heads, topk_batch
 
-from tokenprune import Layout, Needs, Selection, Selector, Signals, register_selector
+from tokenprune import Layout, Needs, Selection, Signals, register_selector
 
 __all__ = ["ClsFinal"]
 
 
 @register_selector("cls_final")
 @dataclass(frozen=True)
-class ClsFinal(Selector):
+class ClsFinal(BatchedSelector):
     """Top-b tokens by the CLS attention of one late block, heads summed (HiRED).
 
     Each partition keeps the ``budgets[p]`` valid tokens that the CLS token of block
@@ -50,9 +51,13 @@ class ClsFinal(Selector):
     def needs(self) -> Needs:
         return Needs(cls_attention={self.final_layer})
 
-    def select(self, layout: Layout, signals: Signals, budgets: torch.Tensor) -> Selection:
-        scores = reduce_heads(signals.attention(self.final_layer), self.heads)
-        indices = topk_per_partition(
-            scores, layout.valid, budgets, what=f"CLS attention of layer {self.final_layer}"
-        )
-        return Selection(indices=indices)
+    def select_counted(
+        self,
+        layouts: Sequence[Layout],
+        signals: Sequence[Signals],
+        budgets: Sequence[torch.Tensor],
+        counts: Sequence[tuple[int, ...]],
+    ) -> list[Selection]:
+        scores = [reduce_heads(signal.attention(self.final_layer), self.heads) for signal in signals]
+        what = f"CLS attention of layer {self.final_layer}"
+        return [Selection(indices=kept) for kept in topk_batch(scores, layouts, budgets, counts, what=what)]

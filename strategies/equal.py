@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from tokenprune.strategies._budget import BatchedAllocator, equal_shares, upload
 
-from tokenprune import BudgetAllocator, Layout, Signals, apportion, register_allocator
+from tokenprune import Layout, Signals, register_allocator
 from tokenprune.budget import Rounding
 
 __all__ = ["EqualAllocator"]
@@ -14,7 +16,7 @@ __all__ = ["EqualAllocator"]
 
 @register_allocator("equal")
 @dataclass(frozen=True)
-class EqualAllocator(BudgetAllocator):
+class EqualAllocator(BatchedAllocator):
     """Equal shares for every partition (thumbnail and tiles alike), capped at valid tokens.
 
     The baseline of HiRED's budget-distribution ablation (Arif et al., AAAI 2025,
@@ -30,6 +32,9 @@ class EqualAllocator(BudgetAllocator):
 
     rounding: Rounding = "exact"
 
-    def allocate(self, layout: Layout, signals: Signals, total: int) -> torch.Tensor:
-        weights = [1.0] * layout.num_partitions
-        return apportion(weights, total, layout.capacity.cpu(), self.rounding).to(layout.valid.device)
+    def allocate_counted(
+        self, layouts: Sequence[Layout], signals: Sequence[Signals], totals: Sequence[int]
+    ) -> tuple[list[torch.Tensor], list[tuple[int, ...]]]:
+        # Capacities are host ints already: no read, one upload for the batch.
+        values = [tuple(equal_shares(lay.capacity_counts, total, self.rounding)) for lay, total in zip(layouts, totals)]
+        return upload(values, layouts)

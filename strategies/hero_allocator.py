@@ -2,30 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from tokenprune.strategies._budget import (
+    BatchedAllocator,
+    Overflow,
+    TilePlan,
+    read_rows,
+    solve_plans,
+    upload,
+)
 
 from tokenprune import (
-    BudgetAllocator,
     ConfigError,
     Layout,
     Needs,
     Signals,
-    apportion,
     register_allocator,
     register_preset,
 )
 from tokenprune.budget import Rounding
-
-from .hired import Overflow, split_thumbnail_tiles
 
 __all__ = ["HeroAllocator"]
 
 
 @register_allocator("hero")
 @dataclass(frozen=True)
-class HeroAllocator(BudgetAllocator):
+class HeroAllocator(BatchedAllocator):
     """HERO: thumbnail keeps ratio R; tiles split the rest by CLS similarity and prompt relevance.
 
     HERO ("Token Budgeting", Eqs. 1-4): with R = total / (P * N) the image's retention
@@ -110,55 +115,64 @@ class HeroAllocator(BudgetAllocator):
 
     # ------------------------------------------------------------------ weights
     def tile_weights(self, layout: Layout, signals: Signals) -> torch.Tensor:
-        """``fused_i`` of every tile, float64 ``[K]`` on the CPU, summing to 1."""
+        """``fused_i`` of every tile, float64 ``[K]`` on the signals' device, summing to 1."""
         tiles = layout.tile_slice
-        capacity = layout.capacity[tiles].double().cpu()
-        count = capacity.numel()
+        count = layout.num_partitions - tiles.start
+        capacity = torch.tensor(layout.capacity_counts[tiles], dtype=torch.float64)
+        device = capacity.device
         uniform = torch.full((count,), 1.0 / count, dtype=torch.float64)
         mixed = torch.zeros(count, dtype=torch.float64)
         if self.uses_saliency:
             if layout.has_thumbnail:
                 embedding = signals.embedding(self.embedding_layer).float()
+                device = embedding.device
                 cosine = torch.nn.functional.cosine_similarity(embedding[tiles], embedding[:1], dim=-1)
-                saliency = torch.softmax(cosine / self.tau_visual, dim=0).double().cpu()
+                saliency = torch.softmax(cosine / self.tau_visual, dim=0).double()
             else:
                 saliency = uniform
-            mixed += self.saliency_weight * saliency
+            mixed = mixed.to(saliency.device) + self.saliency_weight * saliency
         if self.uses_relevance:
             assert signals.relevance is not None  # checked by signals.require
             relevance = signals.relevance[tiles].float()
-            mixed += (1.0 - self.saliency_weight) * torch.softmax(relevance / self.tau_text, dim=0).double().cpu()
-        filled = capacity.sum()
-        density = capacity / filled if filled > 0 else uniform
-        return self.density_weight * density + (1.0 - self.density_weight) * mixed
+            device = relevance.device
+            text = torch.softmax(relevance / self.tau_text, dim=0).double()
+            mixed = mixed.to(device) + (1.0 - self.saliency_weight) * text
+        filled = sum(layout.capacity_counts[tiles])
+        density = (capacity / filled if filled > 0 else uniform).to(device)
+        return self.density_weight * density + (1.0 - self.density_weight) * mixed.to(device)
 
     # ------------------------------------------------------------------ allocate
-    def allocate(self, layout: Layout, signals: Signals, total: int) -> torch.Tensor:
-        device = layout.valid.device
-        capacity = layout.capacity.cpu()
-        if layout.tiles == (0, 0):
-            return torch.tensor([min(total, int(capacity[0]))], dtype=torch.int64, device=device)
-        signals.require(self.needs, who=f"allocator {self.registry_name!r}")
-        weights = self.tile_weights(layout, signals)
-        tile_capacity = capacity[layout.tile_slice]
-        count = tile_capacity.numel()
-        partitions = layout.num_partitions
-        if not layout.has_thumbnail:
-            if self.overflow == "discard":
-                uncapped = apportion(weights, total, [total] * count, "floor")
-                return torch.minimum(uncapped, tile_capacity).to(device)
-            return apportion(weights, total, tile_capacity, self.rounding).to(device)
+    def allocate_counted(
+        self, layouts: Sequence[Layout], signals: Sequence[Signals], totals: Sequence[int]
+    ) -> tuple[list[torch.Tensor], list[tuple[int, ...]]]:
+        """Tile weights of every image on the device, read in one transfer; the integer
+        shares on the host (exact apportion), uploaded in one transfer."""
+        weighed = []
+        for layout, signal in zip(layouts, signals):
+            if layout.tiles == (0, 0):
+                weighed.append(None)
+                continue
+            signal.require(self.needs, who=f"allocator {self.registry_name!r}")
+            weighed.append(self.tile_weights(layout, signal))
+        plans = [self._plan(layout, weights, total) for layout, weights, total in zip(layouts, read_rows(weighed), totals)]
+        thumbnail_capacity = [layout.capacity_counts[0] for layout in layouts]
+        values = [tuple(v) for v in solve_plans(plans, totals, thumbnail_capacity, self.rounding)]
+        return upload(values, layouts)
 
-        if self.overflow == "discard":
-            thumbnail = min(total // partitions, int(capacity[0]))
-            local = count * total // partitions  # N_local = int(K * N * R), R = total / (P * N)
-            tiles = torch.minimum(apportion(weights, local, [local] * count, "floor"), tile_capacity)
-        else:
-            thumbnail, pool = split_thumbnail_tiles(
-                (1, count), total, int(capacity[0]), int(tile_capacity.sum()), self.rounding
-            )
-            tiles = apportion(weights, pool, tile_capacity, self.rounding)
-        return torch.cat([torch.tensor([thumbnail]), tiles]).to(dtype=torch.int64, device=device)
+    def _plan(self, layout: Layout, weights: list[float] | None, total: int) -> TilePlan | list[int]:
+        capacity = list(layout.capacity_counts)
+        if weights is None:
+            return [min(total, capacity[0])]
+        tile_capacity = capacity[layout.tile_slice]
+        count = len(tile_capacity)
+        discard = self.overflow == "discard"
+        if not layout.has_thumbnail:
+            return TilePlan(weights, tile_capacity, pool=total, discard=discard)
+        if discard:
+            thumbnail = min(total // layout.num_partitions, capacity[0])
+            local = count * total // layout.num_partitions  # N_local = int(K * N * R), R = total / (P * N)
+            return TilePlan(weights, tile_capacity, thumbnail=thumbnail, pool=local, discard=True)
+        return TilePlan(weights, tile_capacity, split=(1, count))
 
 
 register_preset(

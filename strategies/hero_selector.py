@@ -6,14 +6,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from tokenprune.strategies._scores import topk_per_partition
+from tokenprune.strategies._scores import BatchedSelector, topk_batch
 
 from tokenprune import (
     ConfigError,
     Layout,
     Needs,
     Selection,
-    Selector,
     Signals,
     register_preset,
     register_selector,
@@ -24,7 +23,7 @@ __all__ = ["HeroSelector"]
 
 @register_selector("hero")
 @dataclass(frozen=True)
-class HeroSelector(Selector):
+class HeroSelector(BatchedSelector):
     """Top-b tokens by head-averaged CLS attention: high layers on the thumbnail, low on tiles (HERO).
 
     HERO ("HERO: Rethinking Visual Token Early Dropping in High-Resolution Large
@@ -106,18 +105,51 @@ class HeroSelector(Selector):
         assert total is not None  # check() guarantees at least one layer
         return total / len(layers)
 
-    def select(self, layout: Layout, signals: Signals, budgets: torch.Tensor) -> Selection:
-        p = layout.num_partitions
-        parts = []
-        first_tile = 0
-        if layout.has_thumbnail:
-            parts.append(self._scores(signals, self.high_layers, slice(0, 1)))
-            first_tile = 1
-        if first_tile < p:
-            parts.append(self._scores(signals, self.low_layers, slice(first_tile, p)))
-        scores = torch.cat(parts, dim=0)
-        indices = topk_per_partition(scores, layout.valid, budgets, what="HERO CLS-attention scores")
-        return Selection(indices=indices)
+    def select_counted(
+        self,
+        layouts: Sequence[Layout],
+        signals: Sequence[Signals],
+        budgets: Sequence[torch.Tensor],
+        counts: Sequence[tuple[int, ...]],
+    ) -> list[Selection]:
+        # All partitions of all images at once: each layer's rows concatenated, scored by
+        # both layer sets; thumbnail rows take the high layers' score, the rest the low ones'.
+        everything = _Concatenated(signals)
+        low = self._scores(everything, self.low_layers, slice(None))
+        thumbnails = [offset for offset, layout in zip(everything.offsets, layouts) if layout.has_thumbnail]
+        if thumbnails:
+            high = self._scores(everything, self.high_layers, slice(None))
+            is_thumbnail = torch.zeros(low.shape[0], dtype=torch.bool)
+            is_thumbnail[thumbnails] = True
+            low = torch.where(is_thumbnail.to(low.device)[:, None], high, low)
+        scores = [low]
+        kept = topk_batch(scores, [_Stacked(layouts)], [torch.cat(list(budgets))], [tuple(c for image in counts for c in image)], what="HERO CLS-attention scores")[0]
+        out, start = [], 0
+        for image in counts:
+            out.append(Selection(indices=kept[start : start + len(image)]))
+            start += len(image)
+        return out
+
+
+class _Concatenated:
+    """The CLS attention of a batch's signals, every layer's partitions concatenated."""
+
+    def __init__(self, signals: Sequence[Signals]) -> None:
+        self._signals = list(signals)
+        sizes = [int(signal.num_partitions or 0) for signal in signals]
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+
+    def attention(self, layer: int) -> torch.Tensor:
+        rows = [signal.attention(layer) for signal in self._signals]
+        return torch.cat(rows) if len(rows) > 1 else rows[0]
+
+
+class _Stacked:
+    """A stand-in layout whose valid mask is every partition of a batch."""
+
+    def __init__(self, layouts: Sequence[Layout]) -> None:
+        masks = [layout.valid for layout in layouts]
+        self.valid = torch.cat(masks) if len(masks) > 1 else masks[0]
 
 
 register_preset(

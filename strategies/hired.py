@@ -2,81 +2,40 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Literal
 
 import torch
+from tokenprune.strategies._budget import (
+    BatchedAllocator,
+    Overflow,
+    TilePlan,
+    band_regions,
+    exact_ratio,
+    floor_share,
+    read_rows,
+    solve_plans,
+    split_thumbnail_tiles,
+    upload,
+)
+from tokenprune.strategies._scores import reduce_heads
 
 from tokenprune import (
-    BudgetAllocator,
     ConfigError,
     Layout,
     Needs,
     Signals,
-    apportion,
     register_allocator,
     register_preset,
 )
 from tokenprune.budget import Rounding
 
-from ._scores import reduce_heads
-
-__all__ = ["HiredAllocator", "Overflow", "band_regions", "split_thumbnail_tiles"]
-
-#: What happens to tokens a partition cannot hold: handed to the others ("redistribute",
-#: water-filling) or dropped after clamping at capacity ("discard", the released code).
-Overflow = Literal["redistribute", "discard"]
-
-
-def _exact_ratio(share: float) -> tuple[int, int]:
-    """``share`` as the decimal it was written as: ``0.7 -> (7, 10)``, ``1/3 -> (1, 3)``.
-
-    Both ints stay below 2**53, so they pass through apportion's float64 weights exactly;
-    ``0.7`` as a binary float is slightly below 7/10 and would floor ``0.7 * 10`` to 6.
-    """
-    ratio = Fraction(repr(float(share))).limit_denominator(10**12)
-    return ratio.numerator, ratio.denominator
-
-
-def split_thumbnail_tiles(
-    weights: tuple[float, float],
-    total: int,
-    thumbnail_capacity: int,
-    tiles_capacity: int,
-    rounding: Rounding,
-) -> tuple[int, int]:
-    """Tokens for the thumbnail and for all tiles together, ``(thumbnail, tiles)``.
-
-    The split is capacity-aware (what one side cannot hold goes to the other) and
-    monotone in ``total``. Under ``"floor"`` only the thumbnail's quota is floored; the
-    tiles take the rest (they are floored tile by tile afterwards), as in HiRED's
-    Algorithm 1 (``N_sub = N_budget - N_p0``).
-    """
-    capacity = [thumbnail_capacity, tiles_capacity]
-    target = min(total, thumbnail_capacity + tiles_capacity)
-    thumbnail = int(apportion(list(weights), total, capacity, rounding)[0])
-    # Under floor the tiles' side is target - floor(q_thumb) <= tiles_capacity: when the
-    # tiles are full, q_thumb = target - tiles_capacity is an integer.
-    return thumbnail, target - thumbnail
-
-
-def band_regions(num_tiles: int, tokens: int) -> torch.Tensor:
-    """The released code's regions: tile ``i`` owns the ``i``-th contiguous chunk of the
-    flattened thumbnail (horizontal bands), ``[num_tiles, tokens]`` float 0/1.
-
-    Chunk ``i`` is ``[floor(i * N / K), floor((i + 1) * N / K))``; for LLaVA-NeXT's grids
-    (K in 2..4, N = 576) every chunk has N / K tokens, as in the released code.
-    """
-    bounds = torch.div(torch.arange(num_tiles + 1) * tokens, num_tiles, rounding_mode="floor")
-    position = torch.arange(tokens)
-    inside = (position[None, :] >= bounds[:-1, None]) & (position[None, :] < bounds[1:, None])
-    return inside.float()
-
+__all__ = ["HiredAllocator", "Overflow", "band_regions", "split_thumbnail_tiles"]  # the last three: from _budget
 
 @register_allocator("hired")
 @dataclass(frozen=True)
-class HiredAllocator(BudgetAllocator):
+class HiredAllocator(BatchedAllocator):
     """HiRED: thumbnail gets share alpha; tiles split the rest by the thumbnail's early CLS attention.
 
     HiRED (Arif et al., AAAI 2025, "Token Budget Allocation", Algorithm 1 and Eq. 1):
@@ -176,35 +135,37 @@ class HiredAllocator(BudgetAllocator):
         return regions.double() @ content
 
     # ------------------------------------------------------------------ allocate
-    def allocate(self, layout: Layout, signals: Signals, total: int) -> torch.Tensor:
-        device = layout.valid.device
-        capacity = layout.capacity.cpu()
+    def allocate_counted(
+        self, layouts: Sequence[Layout], signals: Sequence[Signals], totals: Sequence[int]
+    ) -> tuple[list[torch.Tensor], list[tuple[int, ...]]]:
+        """Tile weights of every image on the device, read in one transfer; the integer
+        shares on the host (exact apportion), uploaded in one transfer."""
+        weighed = []
+        for layout, signal in zip(layouts, signals):
+            if layout.tiles != (0, 0):
+                signal.require(self.needs, who=f"allocator {self.registry_name!r}")
+            if layout.has_thumbnail:
+                weighed.append(self.tile_weights(layout, signal))
+            else:
+                weighed.append(None)
+        plans = [self._plan(layout, weights, total) for layout, weights, total in zip(layouts, read_rows(weighed), totals)]
+        thumbnail_capacity = [layout.capacity_counts[0] for layout in layouts]
+        values = [tuple(v) for v in solve_plans(plans, totals, thumbnail_capacity, self.rounding)]
+        return upload(values, layouts)
+
+    def _plan(self, layout: Layout, weights: list[float] | None, total: int) -> TilePlan | list[int]:
+        capacity = list(layout.capacity_counts)
         if layout.tiles == (0, 0):
-            return torch.tensor([min(total, int(capacity[0]))], dtype=torch.int64, device=device)
-        signals.require(self.needs, who=f"allocator {self.registry_name!r}")
-        if not layout.has_thumbnail:
-            return apportion([1.0] * layout.num_partitions, total, capacity, self.rounding).to(device)
-
+            return [min(total, capacity[0])]
+        if weights is None:  # tiles without a thumbnail: equal shares
+            return TilePlan([1.0] * layout.num_partitions, capacity, pool=total)
         tile_capacity = capacity[1:]
-        weights = self.tile_weights(layout, signals).double().cpu()
         if self.overflow == "discard":
-            thumbnail = min(_floor_share(self.alpha, total), int(capacity[0]))
-            pool = min(total - thumbnail, tile_capacity.numel() * layout.tokens_per_partition)
-            uncapped = apportion(weights, pool, [pool] * tile_capacity.numel(), "floor")
-            tiles = torch.minimum(uncapped, tile_capacity)
-        else:
-            num, den = _exact_ratio(self.alpha)
-            thumbnail, pool = split_thumbnail_tiles(
-                (num, den - num), total, int(capacity[0]), int(tile_capacity.sum()), self.rounding
-            )
-            tiles = apportion(weights, pool, tile_capacity, self.rounding)
-        return torch.cat([torch.tensor([thumbnail]), tiles]).to(dtype=torch.int64, device=device)
-
-
-def _floor_share(share: float, total: int) -> int:
-    """``floor(share * total)`` with ``share`` read as its decimal (see :func:`_exact_ratio`)."""
-    num, den = _exact_ratio(share)
-    return (num * total) // den
+            thumbnail = min(floor_share(self.alpha, total), capacity[0])
+            pool = min(total - thumbnail, len(tile_capacity) * layout.tokens_per_partition)
+            return TilePlan(weights, tile_capacity, thumbnail=thumbnail, pool=pool, discard=True)
+        num, den = exact_ratio(self.alpha)
+        return TilePlan(weights, tile_capacity, split=(num, den - num))
 
 
 register_preset(

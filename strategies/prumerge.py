@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from tokenprune.strategies._scores import reduce_heads
+from tokenprune.strategies._scores import attention_order, reduce_heads
 
 from tokenprune import (
     ConfigError,
@@ -21,6 +21,7 @@ from tokenprune import (
     register_preset,
     register_selector,
 )
+from tokenprune.budget import check_budget_tensor, check_budget_values, host_split
 from tokenprune.contracts import finite_or_raise
 
 __all__ = ["PruMerge", "batch_outlier_ratio", "iqr_upper_fences", "outlier_counts"]
@@ -244,6 +245,10 @@ class PruMerge(Selector):
         """Tokens kept (summary excluded) by the adaptive count in one partition."""
         return attention_count
 
+    def _fixed_counts(self, caps: list[int], budgets: list[int], tokens: int) -> tuple[list[int], list[float]]:
+        """Attention count and ratio per partition when the count is not adaptive (unused here)."""
+        return [0] * len(caps), [0.0] * len(caps)
+
     def _keep_mask(
         self,
         scores: torch.Tensor,
@@ -254,7 +259,7 @@ class PruMerge(Selector):
         side: int,
     ) -> torch.Tensor:
         """bool ``[N]``: the ``kept`` tokens of one partition (nested in ``kept``)."""
-        order = _attention_order(scores, valid)
+        order = attention_order(scores, valid)
         keep = torch.zeros_like(valid)
         keep[order[:kept]] = True
         return keep
@@ -269,8 +274,8 @@ class PruMerge(Selector):
     ) -> Selection:
         device = scores.device
         valid = layout.valid.to(device)
-        capacity = valid.sum(dim=1)
-        budgets = _checked_budgets(budgets, capacity)
+        who = f"selector {self.registry_name or type(self).__name__}"
+        check_budget_tensor(budgets, layout.num_partitions, who, int64=True)
         features = signals.features
         assert features is not None  # signals.require checked it
         keys = signals.key(self.layer)
@@ -279,9 +284,10 @@ class PruMerge(Selector):
                 f"keys {tuple(keys.shape)} and features {tuple(features.shape)} must be [P, N, ...] "
                 f"with [P, N] = {tuple(valid.shape)}"
             )
-        caps = capacity.tolist()
-        wanted = budgets.tolist()
-        attention_counts, ratios = [0] * len(caps), [0.0] * len(caps)
+        caps = list(layout.capacity_counts)
+        wanted = list(host_split([budgets])[0])
+        check_budget_values(wanted, caps, who)
+        attention_counts, ratios = self._fixed_counts(caps, wanted, layout.tokens_per_partition)
         if self.count == "auto":
             attention_counts, ratios = self._attention_counts(scores, valid, batch_ratio)
             for p, cap in enumerate(caps):
@@ -391,31 +397,6 @@ class PruMerge(Selector):
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _attention_order(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Valid token indices by descending score, ties to the lower index."""
-    masked = scores.masked_fill(~valid, float("-inf"))
-    order = torch.sort(masked, descending=True, stable=True).indices
-    return order[: int(valid.sum())]
-
-
-def _checked_budgets(budgets: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
-    if (
-        not isinstance(budgets, torch.Tensor)
-        or budgets.dtype != torch.int64
-        or budgets.shape != capacity.shape
-    ):
-        raise ContractError(
-            f"budgets must be an int64 tensor of shape {tuple(capacity.shape)}, got "
-            f"{getattr(budgets, 'dtype', type(budgets))} {tuple(getattr(budgets, 'shape', ()))}"
-        )
-    budgets = budgets.to(capacity.device)
-    if bool((budgets < 0).any()) or bool((budgets > capacity).any()):
-        raise ContractError(
-            f"budgets {budgets.tolist()} must lie in [0, valid tokens per partition {capacity.tolist()}]"
-        )
-    return budgets
 
 
 register_preset(

@@ -8,7 +8,8 @@ from functools import lru_cache
 from typing import Literal
 
 import torch
-from tokenprune.strategies.prumerge import PruMerge, _attention_order
+from tokenprune.strategies._scores import attention_order
+from tokenprune.strategies.prumerge import PruMerge
 
 from tokenprune import ConfigError, register_preset, register_selector
 
@@ -139,12 +140,17 @@ class PruMergePlus(PruMerge):
     :func:`stride_points` (stride ``int(int(1 / ratio) / 3)``, ``ratio`` the outlier share)
     not already kept, in raster order; a budget truncates this list from its end. The stride
     draws column stripes whenever it divides the grid side (e.g. stride 6 on a 24 x 24 grid
-    keeps columns 0, 6, 12, 18 of every row). It needs ``count="auto"`` (its stride comes
-    from the adaptive ratio). ``spatial_share`` is then unused.
+    keeps columns 0, 6, 12, 18 of every row). Its stride comes from the adaptive ratio
+    (``count="auto"``), or from ``fixed_ratio`` with ``count="budget"``: the released
+    fixed-ratio branch (``if_adaptive=False``), which keeps the top ``int(N * fixed_ratio)``
+    attention tokens plus the stride points of that ratio, here within the budget.
+    ``spatial_share`` is then unused.
 
     Options (besides those of ``prumerge``):
         spatial: ``"grid"`` (2-D, nested, budget-exact) or ``"stride"`` (released 1-D).
         spatial_share: share of the kept tokens placed spatially, in ``[0, 1)``; 0 is PruMerge.
+        fixed_ratio: with ``spatial="stride"`` and ``count="budget"`` only: the released
+            fixed-ratio branch's ratio, in ``(0, 1]`` (attention count and stride).
 
     Differences from the released code (``token_prune_merge_advanced_plus``), beyond those
     of ``prumerge`` under the default options:
@@ -158,6 +164,7 @@ class PruMergePlus(PruMerge):
 
     spatial: Literal["grid", "stride"] = "grid"
     spatial_share: float = 0.75
+    fixed_ratio: float | None = None
 
     def check(self) -> None:
         super().check()
@@ -167,11 +174,30 @@ class PruMergePlus(PruMerge):
                 f"{name}: spatial_share={self.spatial_share} must lie in [0, 1) (the share of kept "
                 "tokens placed on the spatial grid; 0 is plain PruMerge)"
             )
-        if self.spatial == "stride" and self.count != "auto":
+        if self.fixed_ratio is not None and not 0.0 < self.fixed_ratio <= 1.0:
+            raise ConfigError(f"{name}: fixed_ratio={self.fixed_ratio} must lie in (0, 1] (or be None)")
+        if self.spatial == "stride" and self.count == "budget" and self.fixed_ratio is None:
             raise ConfigError(
-                f"{name}: spatial='stride' reproduces the released code, whose stride comes from the "
-                "adaptive outlier ratio; it needs count='auto' (or use spatial='grid' with a budget)"
+                f"{name}: spatial='stride' takes its stride from the outlier ratio: use count='auto' "
+                "(adaptive), or count='budget' with fixed_ratio=r (the released fixed-ratio branch), "
+                "or spatial='grid' with a budget"
             )
+        if self.fixed_ratio is not None and (self.spatial != "stride" or self.count != "budget"):
+            raise ConfigError(
+                f"{name}: fixed_ratio is the released fixed-ratio branch's ratio; it needs "
+                f"spatial='stride' and count='budget', got spatial={self.spatial!r}, count={self.count!r}"
+            )
+
+    def _fixed_counts(self, caps: list[int], budgets: list[int], tokens: int) -> tuple[list[int], list[float]]:
+        """``spatial="stride"`` with ``count="budget"`` (the released ``if_adaptive=False``
+        branch): the top ``int(N * ratio)`` attention tokens, then the stride of that ratio;
+        ``ratio`` is ``fixed_ratio`` (required there by :meth:`check`)."""
+        if self.spatial != "stride" or self.count != "budget":
+            return super()._fixed_counts(caps, budgets, tokens)
+        assert self.fixed_ratio is not None
+        ratios = [self.fixed_ratio] * len(caps)
+        counts = [min(int(tokens * r), c) for r, c in zip(ratios, caps)]
+        return counts, ratios
 
     def _auto_kept(
         self, scores: torch.Tensor, valid: torch.Tensor, attention_count: int, ratio: float
@@ -193,7 +219,7 @@ class PruMergePlus(PruMerge):
         """Valid stride points not among the top ``attention_count`` tokens, ascending."""
         points = stride_points(ratio, int(valid.numel())).to(valid.device)
         taken = torch.zeros_like(valid)
-        taken[_attention_order(scores, valid)[:attention_count]] = True
+        taken[attention_order(scores, valid)[:attention_count]] = True
         return points[valid[points] & ~taken[points]]
 
     def _keep_mask(
@@ -205,7 +231,7 @@ class PruMergePlus(PruMerge):
         ratio: float,
         side: int,
     ) -> torch.Tensor:
-        by_attention = _attention_order(scores, valid)
+        by_attention = attention_order(scores, valid)
         keep = torch.zeros_like(valid)
         if self.spatial == "stride":
             picked = min(kept, attention_count)
@@ -247,6 +273,11 @@ register_preset(
     Cannot keep: the order (released: attention tokens by descending score, then stride points;
     here spatial order); padding tokens (never kept); the budget still caps the count, truncating
     the stride points first, then the attention tokens.
+    Fixed ratio (the released if_adaptive=False branch): add count="budget", fixed_ratio=r; the top
+    int(N * r) attention tokens, then the stride points of r not already kept, within the budget.
+    Cannot keep there: the released branch appends the stride points WITHOUT removing those already
+    kept by attention (duplicates) and then drops tokens to its count; a Selection holds each token
+    once, so duplicates are skipped and the next stride points fill their places.
     Not reproduced: ratio 0 (uniform attention) divides by zero in the released code; here the
     limit of an infinite stride: raster index 0 only. ratio > 1/3 gives stride 0 (arange error);
     here stride 1. Batch > 1 crashes there (stride indices built for one image); here per image,

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import ClassVar, Literal
 
 import torch
+from tokenprune.strategies._scores import BatchedSelector
 
 from tokenprune import (
-    ContractError,
     Layout,
     Needs,
     Selection,
-    Selector,
     Signals,
     register_preset,
     register_selector,
@@ -27,7 +27,7 @@ SpatialMode = Literal["sample", "pool", "stride"]
 
 @register_selector("spatial")
 @dataclass(frozen=True)
-class Spatial(Selector):
+class Spatial(BatchedSelector):
     """Spatial baseline: an even 2-D lattice of valid tokens (or its average pooling), no scores.
 
     The content-blind baseline of HiRED's comparison (Arif et al., AAAI 2025, §5, Table 3,
@@ -90,35 +90,29 @@ class Spatial(Selector):
     def needs(self) -> Needs:
         return Needs(features=True) if self.mode == "pool" else Needs()
 
-    def select(self, layout: Layout, signals: Signals, budgets: torch.Tensor) -> Selection:
-        _check_budgets(layout, budgets)
+    def select_counted(
+        self,
+        layouts: Sequence[Layout],
+        signals: Sequence[Signals],
+        budgets: Sequence[torch.Tensor],
+        counts: Sequence[tuple[int, ...]],
+    ) -> list[Selection]:
+        """Per image, with the pipeline's host budgets (no host read for them)."""
+        return [self._select(layout, signal, values) for layout, signal, values in zip(layouts, signals, counts)]
+
+    def _select(self, layout: Layout, signals: Signals, values: Sequence[int]) -> Selection:
         if self.mode == "pool":
             signals.require(self.needs, who="selector 'spatial' (mode='pool')")
             assert signals.features is not None
             kept = [
-                _pool(layout, p, int(b), signals.features[p]) for p, b in enumerate(budgets.tolist())
+                _pool(layout, p, b, signals.features[p]) for p, b in enumerate(values)
             ]
             return Selection(indices=tuple(i for i, _ in kept), features=tuple(f for _, f in kept))
         choose = _lattice if self.mode == "sample" else _stride
-        return Selection(indices=tuple(choose(layout, p, int(b)) for p, b in enumerate(budgets.tolist())))
+        return Selection(indices=tuple(choose(layout, p, b) for p, b in enumerate(values)))
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _check_budgets(layout: Layout, budgets: torch.Tensor) -> None:
-    p = layout.num_partitions
-    if not isinstance(budgets, torch.Tensor) or tuple(budgets.shape) != (p,) or budgets.dtype.is_floating_point:
-        raise ContractError(
-            f"spatial: budgets must be an integer tensor of shape [{p}], got "
-            f"{getattr(budgets, 'dtype', type(budgets))} {tuple(getattr(budgets, 'shape', ()))}"
-        )
-    capacity = layout.capacity.to(budgets.device)
-    if bool((budgets < 0).any()) or bool((budgets > capacity).any()):
-        raise ContractError(
-            f"spatial: budgets {budgets.tolist()} must lie in [0, valid tokens per partition "
-            f"{capacity.tolist()}]"
-        )
 
 
 def _bounding_box(valid_grid: torch.Tensor) -> tuple[int, int, int, int]:
@@ -172,7 +166,7 @@ def _lattice(layout: Layout, p: int, budget: int) -> torch.Tensor:
     """``budget`` valid token indices of partition ``p`` on an even 2-D lattice, ascending."""
     valid = layout.valid[p]
     device = valid.device
-    capacity = int(valid.sum())
+    capacity = layout.capacity_counts[p]
     if budget == 0:
         return torch.zeros(0, dtype=torch.int64, device=device)
     if budget == capacity:

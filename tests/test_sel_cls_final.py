@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 
@@ -12,16 +10,6 @@ import tokenprune as tp
 SIDE = 4  # 4 x 4 grid, N = 16
 N = SIDE * SIDE
 LAYERS = 24  # block 22 == layer -2
-
-
-@dataclass(frozen=True)
-class FillInOrder(tp.BudgetAllocator):
-    """Test allocator: fills partition 0 to capacity, then partition 1, and so on."""
-
-    def allocate(self, layout: tp.Layout, signals: tp.Signals, total: int) -> torch.Tensor:
-        capacity = layout.capacity
-        before = torch.cumsum(capacity, 0) - capacity
-        return (total - before).clamp(min=0).minimum(capacity).to(torch.int64)
 
 
 def two_heads() -> torch.Tensor:
@@ -119,11 +107,11 @@ def test_negative_and_positive_layer_numbers_agree(option, stored):
     assert select([3], sig=sig, final_layer=option) == [[0, 5, 10]]
 
 
-def test_missing_layer_names_the_available_ones():
+def test_missing_layer_names_the_available_ones(fill_in_order):
     sig = signals(two_heads(), layer=5)
     with pytest.raises(tp.SignalError, match=r"no layer -2 \(available: \[5\]\)"):
         select([3], sig=sig)
-    pipe = tp.Pipeline(allocator=FillInOrder(), selector="cls_final", budget=3)
+    pipe = tp.Pipeline(allocator=fill_in_order, selector="cls_final", budget=3)
     with pytest.raises(tp.SignalError, match="selector 'cls_final' needs it"):
         pipe.apply(tp.Layout.single(SIDE), sig)
 
@@ -154,13 +142,13 @@ def test_options_are_checked():
     assert selector.nested and not selector.adaptive
 
 
-def test_pipeline_and_batch_match_direct_selection():
+def test_pipeline_and_batch_match_direct_selection(fill_in_order):
     valid = torch.ones(3, N, dtype=torch.bool)
     valid[2, 8:] = False  # a padded tile
     layout = tp.Layout(SIDE, (1, 2), True, valid, overlap=torch.full((2, N), 0.5))
     attention = torch.cat([two_heads(), two_heads().flip(-1), two_heads()])
     sig = signals(attention)
-    pipe = tp.Pipeline(allocator=FillInOrder(), selector="cls_final", budget=22)
+    pipe = tp.Pipeline(allocator=fill_in_order, selector="cls_final", budget=22)
     result = pipe.apply(layout, sig)
     assert result.budgets.tolist() == [16, 6, 0]
     # Mirrored head sums: t5 .35, t10 .30, t15 .20, t12 .05, t0 .02, then ties from t1.

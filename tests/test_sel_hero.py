@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 
@@ -11,16 +9,6 @@ import tokenprune as tp
 
 LAYERS = 24  # high layer -3 == 21; low layers 5..8
 LOW = (5, 6, 7, 8)
-
-
-@dataclass(frozen=True)
-class FillInOrder(tp.BudgetAllocator):
-    """Test allocator: fills partition 0 to capacity, then partition 1, and so on."""
-
-    def allocate(self, layout: tp.Layout, signals: tp.Signals, total: int) -> torch.Tensor:
-        capacity = layout.capacity
-        before = torch.cumsum(capacity, 0) - capacity
-        return (total - before).clamp(min=0).minimum(capacity).to(torch.int64)
 
 
 def rows(p: int, *heads: list[float]) -> torch.Tensor:
@@ -175,14 +163,14 @@ def test_options_are_checked_and_needs_declared():
     assert reference.double_softmax and reference.high_layers == (-3,) and reference.low_layers == LOW
 
 
-def test_pipeline_and_batch_match_direct_selection():
+def test_pipeline_and_batch_match_direct_selection(fill_in_order):
     layout, sig = thumbnail_layout(), function_aware_signals()
-    pipe = tp.Pipeline(allocator=FillInOrder(), selector="hero", budget=6)
+    pipe = tp.Pipeline(allocator=fill_in_order, selector="hero", budget=6)
     result = pipe.apply(layout, sig)
     assert result.budgets.tolist() == [4, 2, 0]
     assert [i.tolist() for i in result.selection.indices] == [[0, 1, 2, 3], [0, 1], []]
     batch = pipe.selector.select_batch([layout, layout], [sig, sig], [torch.tensor([1, 1, 2]), result.budgets])
     assert [i.tolist() for i in batch[0].indices] == [[3], [0], [0, 1]]
     assert [i.tolist() for i in batch[1].indices] == [i.tolist() for i in result.selection.indices]
-    reference = tp.Pipeline(allocator=FillInOrder(), selector="hero@reference", budget=3)
+    reference = tp.Pipeline(allocator=fill_in_order, selector="hero@reference", budget=3)
     assert [i.tolist() for i in reference.apply(layout, sig).selection.indices] == [[0, 2, 3], [], []]

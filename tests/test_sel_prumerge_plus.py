@@ -218,3 +218,26 @@ def test_bad_options_are_config_errors():
         with pytest.raises(tp.ConfigError):
             tp.build_selector("prumerge_plus", **options)
     tp.build_selector("prumerge_plus", spatial="stride", count="auto")  # fine
+
+
+def test_reference_with_a_fixed_ratio_is_the_released_fixed_branch():
+    # issue 11.12: prumerge_plus@reference with count="budget" raised; a fixed ratio now expresses
+    # the released if_adaptive=False branch: top int(N * r) by attention, then the stride of r.
+    with pytest.raises(tp.ConfigError, match="fixed_ratio"):
+        tp.build_selector("prumerge_plus@reference", count="budget")
+    selector = tp.build_selector("prumerge_plus@reference", count="budget", fixed_ratio=0.25)
+    side = 6
+    layout = tp.Layout.single(side)
+    attention = torch.arange(36, dtype=torch.float32).flip(0)[None, None, :] / 1000  # token 0 highest
+    signals = tp.Signals(
+        features=torch.randn(1, 36, 4),
+        wide_cls_attention={-1: attention},
+        keys={-1: torch.randn(1, 36, 4)},
+        num_layers=2,
+    )
+    selection = selector.select(layout, signals, torch.tensor([20]))
+    kept = selection.indices[0].tolist()
+    attention_part = list(range(int(36 * 0.25)))  # tokens 0..8, the top 9
+    stride = [i for i in stride_points(0.25, 36).tolist() if i not in attention_part]  # step int(4 / 3) = 1
+    assert kept == sorted(attention_part + stride[: 20 - 1 - len(attention_part)])
+    assert selection.extra_tokens == (1,)

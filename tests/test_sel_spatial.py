@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 
@@ -11,16 +9,6 @@ import tokenprune as tp
 
 SIDE = 24
 N = SIDE * SIDE
-
-
-@dataclass(frozen=True)
-class FillInOrder(tp.BudgetAllocator):
-    """Test allocator: fills partition 0 to capacity, then partition 1, and so on."""
-
-    def allocate(self, layout: tp.Layout, signals: tp.Signals, total: int) -> torch.Tensor:
-        capacity = layout.capacity
-        before = torch.cumsum(capacity, 0) - capacity
-        return (total - before).clamp(min=0).minimum(capacity).to(torch.int64)
 
 
 def rect_layout(top: int, bottom: int, left: int, right: int, side: int = SIDE) -> tp.Layout:
@@ -226,12 +214,12 @@ def test_reference_stride_drops_padding_positions():
 
 
 @pytest.mark.parametrize(("options", "adaptive"), [({}, False), ({"mode": "pool"}, True), ({"mode": "stride"}, True)])
-def test_pipeline_reports_adaptivity_and_matches_direct_and_batch(options, adaptive):
+def test_pipeline_reports_adaptivity_and_matches_direct_and_batch(options, adaptive, fill_in_order):
     valid = torch.ones(3, 16, dtype=torch.bool)
     valid[2, 12:] = False
     layout = tp.Layout(4, (1, 2), True, valid, overlap=torch.full((2, 16), 0.5))
     sig = tp.Signals(features=torch.arange(3 * 16 * 2, dtype=torch.float32).view(3, 16, 2))
-    pipe = tp.Pipeline(allocator=FillInOrder(), selector="spatial", budget=36, selector_options=options)
+    pipe = tp.Pipeline(allocator=fill_in_order, selector="spatial", budget=36, selector_options=options)
     assert pipe.adaptive is adaptive
     result = pipe.apply(layout, sig)
     assert result.budgets.tolist() == [16, 16, 4]

@@ -26,6 +26,7 @@ from .contracts import (  # noqa: E402
     Selection,
     Selector,
     Signals,
+    validation,
 )
 from .adapter import ImageTokens, OrderedTokens, TowerAdapter, VLMAdapter  # noqa: E402
 from .errors import (  # noqa: E402
@@ -65,6 +66,7 @@ __all__ = [
     "ALLOCATORS",
     "SELECTORS",
     "Adapter",
+    "validation",
     "AttentionTap",
     "Budget",
     "BudgetAllocator",

@@ -15,9 +15,10 @@ Conventions
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -28,18 +29,44 @@ from .errors import ContractError, SignalError
 from .options import check_option_types
 
 __all__ = [
-    "Layout",
-    "Needs",
-    "Signals",
-    "Selection",
-    "Partitioner",
+    "Adapter",
     "AttentionTap",
     "BudgetAllocator",
+    "Layout",
+    "Needs",
+    "Partitioner",
+    "Selection",
     "Selector",
-    "Adapter",
+    "Signals",
+    "validating",
+    "validation",
 ]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Value checks that read tensors back to the host (one sync each on an accelerator) run only
+# in validation mode; shape, dtype and count checks are free and always run (DESIGN §6).
+_VALIDATE = [os.environ.get("TOKENPRUNE_VALIDATE", "0").strip().lower() not in ("", "0", "false", "no")]
+
+
+def validating() -> bool:
+    """Whether value checks that cost a host read run (``TOKENPRUNE_VALIDATE=1``; default off)."""
+    return _VALIDATE[0]
+
+
+@contextmanager
+def validation(enabled: bool = True) -> Iterator[None]:
+    """Turn the value checks of ``Selection`` and ``Pipeline.apply`` on (or off) inside a block.
+
+    Off by default: the hot path makes no host read for validation. The test suite and the
+    invariant suite (:mod:`tokenprune.testing`) run with it on.
+    """
+    previous = _VALIDATE[0]
+    _VALIDATE[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _VALIDATE[0] = previous
 
 
 def _require(condition: bool, message: str, error: type[Exception] = ContractError) -> None:
@@ -56,7 +83,7 @@ def _check_int(value: object, name: str, *, minimum: int = 0) -> int:
 
 
 def _check_finite(tensor: torch.Tensor, what: str) -> None:
-    if tensor.numel() and not bool(torch.isfinite(tensor).all()):
+    if tensor.numel() and not bool(torch.isfinite(tensor).all()):  # a host read: see validating()
         bad = int((~torch.isfinite(tensor)).sum())
         raise SignalError(f"{what} holds {bad} NaN/inf value(s); signals must be finite")
 
@@ -153,6 +180,8 @@ class Layout:
                 self.overlap is None,
                 "Layout.overlap must be None without a thumbnail (it maps tiles onto the thumbnail)",
             )
+        # Valid counts on the host, read once here (where the layout is made, not per apply).
+        object.__setattr__(self, "_capacity_counts", tuple(int(c) for c in valid.sum(dim=1).tolist()))
         if self.image_size is not None:
             _require(
                 isinstance(self.image_size, tuple)
@@ -209,6 +238,11 @@ class Layout:
     def capacity(self) -> torch.Tensor:
         """Valid (keepable) tokens per partition, int64 ``[P]``."""
         return self.valid.sum(dim=1)
+
+    @property
+    def capacity_counts(self) -> tuple[int, ...]:
+        """:attr:`capacity` as host ints, computed once when the layout was made (no sync)."""
+        return self._capacity_counts  # type: ignore[attr-defined, no-any-return]
 
     @property
     def tile_slice(self) -> slice:
@@ -434,11 +468,12 @@ class Signals:
                 agree(what, tensor, rank, token_dim)
                 if name == "wide_cls_attention":
                     _require(tensor.shape[1] == 1, f"{what} must have one head, got {tensor.shape[1]}")
-                if name != "keys":
+                if name != "keys" and validating():
                     _check_finite(tensor, what)
         if self.relevance is not None:
             agree("Signals.relevance", self.relevance, 1, None)
-            _check_finite(self.relevance, "Signals.relevance")
+            if validating():
+                _check_finite(self.relevance, "Signals.relevance")
 
     @property
     def num_partitions(self) -> int | None:
@@ -574,13 +609,8 @@ class Selection:
                 f"Selection.indices[{p}] must be a 1-D int64 tensor, got "
                 f"{getattr(idx, 'dtype', type(idx))} with shape {tuple(getattr(idx, 'shape', ()))}",
             )
-            if idx.numel() > 1:
-                _require(
-                    bool((idx[1:] > idx[:-1]).all()),
-                    f"Selection.indices[{p}] must be strictly ascending (spatial order, no duplicates)",
-                )
-            if idx.numel():
-                _require(int(idx[0]) >= 0, f"Selection.indices[{p}] has a negative index")
+        if validating():
+            self.check_values()
         if self.extra_tokens is not None:
             extra = tuple(self.extra_tokens)
             object.__setattr__(self, "extra_tokens", extra)
@@ -596,7 +626,7 @@ class Selection:
                 len(feats) == len(self.indices),
                 f"Selection.features has {len(feats)} partitions, indices have {len(self.indices)}",
             )
-            for p, (f, count) in enumerate(zip(feats, self.counts.tolist())):
+            for p, (f, count) in enumerate(zip(feats, self.count_values)):
                 _require(
                     isinstance(f, torch.Tensor) and f.dim() == 2 and f.shape[0] == count,
                     f"Selection.features[{p}] must be [{count}, D] (kept + extra tokens), "
@@ -608,9 +638,39 @@ class Selection:
                 "Selection.extra_tokens needs Selection.features to hold those tokens",
             )
 
+    def check_values(self) -> None:
+        """Raise unless every partition's indices are non-negative and strictly ascending.
+
+        Reads the indices back to the host (one sync for the whole selection): called on
+        construction only in validation mode (:func:`validation`)."""
+        sizes = [int(idx.numel()) for idx in self.indices]
+        if not any(sizes):
+            return
+        flat = torch.cat([idx.reshape(-1) for idx in self.indices])
+        ends = torch.tensor(sizes).cumsum(0).tolist()
+        first = torch.zeros(len(flat), dtype=torch.bool, device=flat.device)
+        starts = [e - n for e, n in zip(ends, sizes) if n]
+        first[torch.tensor(starts, device=flat.device)] = True
+        rising = torch.ones_like(first)
+        rising[1:] = flat[1:] > flat[:-1]
+        bad = (~rising & ~first) | (flat < 0)
+        if not bool(bad.any()):
+            return
+        position = int(torch.nonzero(bad)[0])
+        p = next(q for q, end in enumerate(ends) if position < end)
+        if int(flat[position]) < 0:
+            raise ContractError(f"Selection.indices[{p}] has a negative index")
+        raise ContractError(f"Selection.indices[{p}] must be strictly ascending (spatial order, no duplicates)")
+
     @property
     def num_partitions(self) -> int:
         return len(self.indices)
+
+    @property
+    def count_values(self) -> tuple[int, ...]:
+        """:attr:`counts` as host ints (sizes only: no sync)."""
+        extra = self.extra_tokens or (0,) * len(self.indices)
+        return tuple(int(i.numel()) + e for i, e in zip(self.indices, extra))
 
     @property
     def counts(self) -> torch.Tensor:
@@ -630,20 +690,32 @@ class Selection:
         return mask
 
     def check_layout(self, layout: Layout) -> None:
-        """Raise unless every index is in range and points at a valid token."""
+        """Raise unless every index is in range and points at a valid token (one host read)."""
         _require(
             self.num_partitions == layout.num_partitions,
             f"selection has {self.num_partitions} partitions, the layout has {layout.num_partitions}",
         )
+        sizes = [int(idx.numel()) for idx in self.indices]
+        if not any(sizes):
+            return
         n = layout.tokens_per_partition
-        for p, idx in enumerate(self.indices):
-            if idx.numel():
-                _require(int(idx[-1]) < n, f"Selection.indices[{p}] has index {int(idx[-1])} >= N = {n}")
-                kept_valid = layout.valid[p].to(idx.device)[idx]
-                _require(
-                    bool(kept_valid.all()),
-                    f"Selection.indices[{p}] keeps {int((~kept_valid).sum())} padding token(s)",
-                )
+        flat = torch.cat([idx.reshape(-1) for idx in self.indices])
+        owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes), output_size=len(flat))
+        owner = owner.to(flat.device)
+        in_range = (flat >= 0) & (flat < n)
+        valid = layout.valid.to(flat.device)
+        kept_valid = valid[owner, flat.clamp(0, n - 1)] & in_range
+        if bool(kept_valid.all()):
+            return
+        bad_range = int(torch.argmin(in_range.int()))
+        if not bool(in_range[bad_range]):
+            p, index = int(owner[bad_range]), int(flat[bad_range])
+            if index < 0:
+                raise ContractError(f"Selection.indices[{p}] has a negative index")
+            raise ContractError(f"Selection.indices[{p}] has index {index} >= N = {n}")
+        p = int(owner[int(torch.argmin(kept_valid.int()))])
+        padding = int((~kept_valid[owner == p]).sum())
+        raise ContractError(f"Selection.indices[{p}] keeps {padding} padding token(s)")
 
 
 # --------------------------------------------------------------------------- interfaces
@@ -705,6 +777,17 @@ class BudgetAllocator(_Strategy):
         """Per-image budgets for a batch. Override only when images must see each other."""
         return [self.allocate(lay, sig, tot) for lay, sig, tot in zip(layouts, signals, totals)]
 
+    def allocate_counted(
+        self, layouts: Sequence[Layout], signals: Sequence[Signals], totals: Sequence[int]
+    ) -> tuple[list[torch.Tensor], list[tuple[int, ...]] | None]:
+        """What :meth:`allocate_batch` returns, plus the same budgets as host ints when the
+        allocator computed them on the host (then the pipeline need not read them back).
+
+        ``Pipeline.apply_batch`` calls this. The default is the slow path: the per-image
+        :meth:`allocate_batch` (a loop over :meth:`allocate`) and no host copy. Built-in
+        allocators override it with one pass over the whole batch."""
+        return list(self.allocate_batch(layouts, signals, totals)), None
+
 
 class Selector(_Strategy):
     """Chooses which tokens each partition keeps, given its budget."""
@@ -725,6 +808,21 @@ class Selector(_Strategy):
     ) -> list[Selection]:
         """Per-image selections for a batch. Override only when images must see each other."""
         return [self.select(lay, sig, bud) for lay, sig, bud in zip(layouts, signals, budgets)]
+
+    def select_counted(
+        self,
+        layouts: Sequence[Layout],
+        signals: Sequence[Signals],
+        budgets: Sequence[torch.Tensor],
+        counts: Sequence[tuple[int, ...]],
+    ) -> list[Selection]:
+        """:meth:`select_batch` with the budgets also given as host ints (``counts``, known
+        to the pipeline), so a selector sizes its output without reading the device.
+
+        ``Pipeline.apply_batch`` calls this. The default is the slow path: the per-image
+        :meth:`select_batch` (a loop over :meth:`select`). Built-in selectors override it
+        with one pass over the whole batch (all partitions of all images together)."""
+        return list(self.select_batch(layouts, signals, budgets))
 
 
 class Partitioner(ABC):
@@ -771,11 +869,27 @@ class Adapter(_Configurable, ABC):
     #: Model classes this adapter accepts (names, so no import is needed to check).
     model_classes: ClassVar[tuple[str, ...]] = ()
 
-    def check_parts(self, allocator: BudgetAllocator, selector: Selector) -> None:  # noqa: B027
+    def check_parts(self, allocator: BudgetAllocator, selector: Selector) -> None:
         """Raise :class:`~tokenprune.IncompatibleError` if the strategies cannot run here."""
 
 
 def finite_or_raise(tensor: torch.Tensor, what: str) -> torch.Tensor:
-    """Return ``tensor`` unchanged, or raise :class:`SignalError` if it holds NaN/inf."""
-    _check_finite(tensor, what)
+    """Return ``tensor`` unchanged, or raise :class:`SignalError` if it holds NaN/inf.
+
+    The check reads the tensor back to the host, so it runs only in validation mode
+    (:func:`validation`); otherwise the tensor is returned unchecked."""
+    if validating():
+        _check_finite(tensor, what)
     return tensor
+
+
+def _owner(cls: type, name: str) -> type:
+    return next(klass for klass in cls.__mro__ if name in vars(klass))
+
+
+def implements_counted(instance: object, counted: str, plain: Sequence[str]) -> bool:
+    """Whether ``instance``'s ``counted`` method belongs to the class that also gives it
+    every ``plain`` method: a subclass that overrides only ``select`` (say) of a built-in
+    strategy must run through its own override, not the built-in's batched path."""
+    owner = _owner(type(instance), counted)
+    return all(issubclass(owner, _owner(type(instance), name)) for name in plain)

@@ -20,13 +20,29 @@ from typing import Any, TypeVar
 import torch
 
 from .adapter import TowerAdapter, VLMAdapter
-from .budget import Budget, parse_budget
-from .contracts import Adapter, BudgetAllocator, Layout, Needs, Selection, Selector, Signals
+from .budget import (
+    Budget,
+    check_budget_tensor,
+    check_budget_values,
+    host_split,
+    parse_budget,
+)
+from .contracts import (
+    Adapter,
+    BudgetAllocator,
+    Layout,
+    Needs,
+    Selection,
+    Selector,
+    Signals,
+    implements_counted,
+    validating,
+)
 from .errors import ConfigError, ContractError
 from .overrides import apply_overrides, split_config
 from .registry import ADAPTERS, ALLOCATORS, SELECTORS, Registry
 
-__all__ = ["Pipeline", "PruneResult", "ImageStats"]
+__all__ = ["ImageStats", "Pipeline", "PruneResult"]
 
 _PARTS = ("adapter", "allocator", "selector")
 _A = TypeVar("_A", bound=Adapter)
@@ -164,7 +180,11 @@ class Pipeline:
         return self.apply_batch([layout], [signals])[0]
 
     def apply_batch(self, layouts: Sequence[Layout], signals: Sequence[Signals]) -> list[PruneResult]:
-        """Allocate and select for a batch of images (each keeps its own budget)."""
+        """Allocate and select for a batch of images (each keeps its own budget).
+
+        At most one host read per batch (the budgets, unless the allocator computed them on
+        the host); value checks that would read more run in validation mode only
+        (:func:`tokenprune.validation`, ``TOKENPRUNE_VALIDATE=1``)."""
         if len(layouts) != len(signals):
             raise ContractError(f"{len(layouts)} layouts but {len(signals)} signals")
         alloc_name = self.part_label("allocator")
@@ -174,59 +194,72 @@ class Pipeline:
             signal.require(self.allocator.needs, who=f"allocator {alloc_name}")
             signal.require(self.selector.needs, who=f"selector {sel_name}")
         totals = [self.image_budget(layout) for layout in layouts]
-        all_budgets = self.allocator.allocate_batch(layouts, signals, totals)
-        for layout, total, budgets in zip(layouts, totals, all_budgets):
-            self._check_budgets(layout, total, budgets, alloc_name)
-        selections = self.selector.select_batch(layouts, signals, all_budgets)
+        if implements_counted(self.allocator, "allocate_counted", ("allocate", "allocate_batch")):
+            all_budgets, counts = self.allocator.allocate_counted(layouts, signals, totals)
+        else:
+            all_budgets, counts = list(self.allocator.allocate_batch(layouts, signals, totals)), None
+        counts = self._check_budgets(layouts, totals, all_budgets, counts, f"allocator {alloc_name}")
+        if implements_counted(self.selector, "select_counted", ("select", "select_batch")):
+            selections = self.selector.select_counted(layouts, signals, all_budgets, counts)
+        else:
+            selections = list(self.selector.select_batch(layouts, signals, all_budgets))
         results = []
-        for layout, total, budgets, selection in zip(layouts, totals, all_budgets, selections):
-            self._check_selection(layout, budgets, selection, sel_name)
+        for layout, total, budgets, wanted, selection in zip(layouts, totals, all_budgets, counts, selections):
+            kept = self._check_selection(layout, wanted, selection, sel_name)
             stats = ImageStats(
                 partitions=tuple(layout.partition_names()),
                 full_tokens=layout.full_tokens,
                 budget=total,
-                capacity=tuple(layout.capacity.tolist()),
-                allocated=tuple(budgets.tolist()),
-                kept=tuple(selection.counts.tolist()),
+                capacity=layout.capacity_counts,
+                allocated=wanted,
+                kept=kept,
                 adaptive=self.adaptive,
             )
             results.append(PruneResult(budgets=budgets, selection=selection, stats=stats))
         return results
 
-    def _check_budgets(self, layout: Layout, total: int, budgets: torch.Tensor, who: str) -> None:
-        p = layout.num_partitions
-        if not isinstance(budgets, torch.Tensor) or budgets.dtype != torch.int64 or tuple(budgets.shape) != (p,):
-            raise ContractError(
-                f"allocator {who} must return an int64 tensor of shape [{p}], got "
-                f"{getattr(budgets, 'dtype', type(budgets))} {tuple(getattr(budgets, 'shape', ()))}"
-            )
-        capacity = layout.capacity.to(budgets.device)
-        if bool((budgets < 0).any()) or bool((budgets > capacity).any()):
-            raise ContractError(
-                f"allocator {who} returned {budgets.tolist()}, outside [0, capacity={capacity.tolist()}]"
-            )
-        expected = min(total, int(capacity.sum()))
-        exact = self.allocator.exact
-        got = int(budgets.sum())
-        if (exact and got != expected) or got > expected:
-            raise ContractError(
-                f"allocator {who} returned budgets summing to {got}; the image's budget is "
-                f"{expected} (min of {total} and capacity {int(capacity.sum())})"
-            )
+    def _check_budgets(
+        self,
+        layouts: Sequence[Layout],
+        totals: Sequence[int],
+        budgets: Sequence[torch.Tensor],
+        counts: Sequence[tuple[int, ...]] | None,
+        who: str,
+    ) -> list[tuple[int, ...]]:
+        """The allocator's budgets as host ints, checked (the one budget check, on the host)."""
+        if len(budgets) != len(layouts):
+            raise ContractError(f"{who} returned budgets for {len(budgets)} images, the batch has {len(layouts)}")
+        for layout, tensor in zip(layouts, budgets):
+            check_budget_tensor(tensor, layout.num_partitions, who, int64=True)
+        if counts is None:
+            counts = host_split(budgets)
+        for layout, total, values in zip(layouts, totals, counts):
+            check_budget_values(values, layout.capacity_counts, who, total=total, exact=self.allocator.exact)
+        return [tuple(values) for values in counts]
 
-    def _check_selection(self, layout: Layout, budgets: torch.Tensor, selection: Selection, who: str) -> None:
+    def _check_selection(
+        self, layout: Layout, wanted: tuple[int, ...], selection: Selection, who: str
+    ) -> tuple[int, ...]:
         if not isinstance(selection, Selection):
             raise ContractError(f"selector {who} must return a Selection, got {type(selection).__name__}")
-        selection.check_layout(layout)
-        counts = selection.counts
-        wanted = budgets.cpu()
-        ok = bool((counts <= wanted).all()) if self.adaptive else bool((counts == wanted).all())
+        if validating():
+            selection.check_layout(layout)
+        elif selection.num_partitions != layout.num_partitions:
+            raise ContractError(
+                f"selection has {selection.num_partitions} partitions, the layout has {layout.num_partitions}"
+            )
+        counts = selection.count_values
+        if self.adaptive:
+            ok = all(c <= w for c, w in zip(counts, wanted))
+        else:
+            ok = counts == wanted
         if not ok:
             rule = "at most" if self.adaptive else "exactly"
             raise ContractError(
-                f"selector {who} kept {counts.tolist()} tokens per partition; it must keep "
-                f"{rule} its budgets {wanted.tolist()}"
+                f"selector {who} kept {list(counts)} tokens per partition; it must keep "
+                f"{rule} its budgets {list(wanted)}"
             )
+        return counts
 
     # ------------------------------------------------------------------ models
     def _adapter_of(self, kind: type[_A], method: str, wanted: str) -> _A:

@@ -15,7 +15,9 @@ Requires ``hypothesis`` (the ``test`` extra).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,11 +28,13 @@ from .contracts import BudgetAllocator, Layout, Needs, Selection, Selector, Sign
 
 __all__ = [
     "Case",
-    "layouts",
+    "DispatchCount",
     "cases",
     "check_allocator",
-    "check_selector",
     "check_selection_contract",
+    "check_selector",
+    "count_dispatch",
+    "layouts",
 ]
 
 
@@ -234,3 +238,76 @@ def check_selector(selector: Selector, case: Case) -> None:
 def water_filled(weights: Any, total: int, capacity: Any) -> torch.Tensor:
     """Alias of :func:`tokenprune.quota` for test readability."""
     return quota(weights, total, capacity)
+
+
+# --------------------------------------------------------------------------- dispatch counting
+
+#: aten operators whose result the host must wait for: on an accelerator each is a sync.
+HOST_READ_OPS = frozenset(
+    {
+        "aten._local_scalar_dense",  # .item(), int(t), bool(t), float(t)
+        "aten.nonzero",  # data-dependent output size
+        "aten.masked_select",
+        "aten._unique2",
+        "aten.unique_consecutive",
+        "aten.unique_dim",
+        "aten.repeat_interleave",  # without output_size
+    }
+)
+
+
+@dataclass
+class DispatchCount:
+    """What one call dispatched: every aten operator, and the ones that read values back
+    to the host (``HOST_READ_OPS`` plus ``Tensor.tolist``/``numpy``/``cpu`` calls, which on
+    the CPU bypass the dispatcher but on an accelerator copy to the host and wait)."""
+
+    ops: int = 0
+    reads: int = 0
+    read_names: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return f"{self.ops} ops, {self.reads} host reads"
+
+
+@contextmanager
+def count_dispatch() -> Iterator[DispatchCount]:
+    """Context manager counting dispatched aten operators and host reads (a CPU proxy of
+    launches and syncs on a GPU)::
+
+        with tpt.count_dispatch() as count:
+            pipe.apply(layout, signals)
+        assert count.reads <= 1
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    count = DispatchCount()
+
+    def note(name: str) -> None:
+        count.reads += 1
+        count.read_names.append(name)
+
+    class _Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            name = f"aten.{func.__name__.split('.')[0]}"
+            count.ops += 1
+            if name in HOST_READ_OPS:
+                note(name)
+            return func(*args, **(kwargs or {}))
+
+    patched = {}
+    for method in ("tolist", "numpy"):
+        original = getattr(torch.Tensor, method)
+
+        def wrapper(self: torch.Tensor, *args: Any, __original: Any = original, __name: str = method, **kw: Any) -> Any:
+            note(f"Tensor.{__name}")
+            return __original(self, *args, **kw)
+
+        patched[method] = original
+        setattr(torch.Tensor, method, wrapper)
+    try:
+        with _Counter():
+            yield count
+    finally:
+        for method, original in patched.items():
+            setattr(torch.Tensor, method, original)
