@@ -130,11 +130,12 @@ def _vision_config(transformers: Any, image_size: int, patch_size: int) -> Any:
     )
 
 
-def _text_config(transformers: Any, tokenizer: Any) -> Any:
-    return transformers.LlamaConfig(
+def _text_fields(tokenizer: Any, hidden_size: int, **overrides: Any) -> dict[str, Any]:
+    """The tiny LLM's config fields: two layers, 4 heads over 2 KV heads, ``tokenizer``'s ids."""
+    fields = dict(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -143,6 +144,11 @@ def _text_config(transformers: Any, tokenizer: Any) -> Any:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    return {**fields, **overrides}
+
+
+def _text_config(transformers: Any, tokenizer: Any) -> Any:
+    return transformers.LlamaConfig(**_text_fields(tokenizer, hidden_size=32))
 
 
 def _finish(model: Any, tokenizer: Any) -> Any:

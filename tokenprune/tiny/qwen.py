@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from .llava import _build, _finish, _transformers
+from .llava import _build, _finish, _text_fields, _transformers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -102,19 +102,12 @@ def tiny_qwen_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def _text_config(tokenizer: Any) -> dict[str, Any]:
-    return dict(
-        vocab_size=len(tokenizer),
+    return _text_fields(
+        tokenizer,
         hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
         # head_dim 16: the rotary half (8) splits into t, h, w sections
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]},
         bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
 
 
