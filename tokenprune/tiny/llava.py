@@ -130,6 +130,13 @@ def _vision_config(transformers: Any, image_size: int, patch_size: int) -> Any:
     )
 
 
+def _image_processor(transformers: Any, class_name: str, backend: str, **kwargs: Any) -> Any:
+    """``transformers.<class_name>`` (``backend="torchvision"``) or its ``...Pil`` twin, built with ``kwargs``."""
+    if backend not in ("torchvision", "pil"):
+        raise ValueError(f"image_processor must be 'torchvision' or 'pil', got {backend!r}")
+    return getattr(transformers, class_name + ("Pil" if backend == "pil" else ""))(**kwargs)
+
+
 def _text_fields(tokenizer: Any, hidden_size: int, **overrides: Any) -> dict[str, Any]:
     """The tiny LLM's config fields: two layers, 4 heads over 2 KV heads, ``tokenizer``'s ids."""
     fields = dict(
@@ -230,12 +237,7 @@ def tiny_llava_next(
         crop_size={"height": crop_size, "width": crop_size},
         image_grid_pinpoints=pinpoints,
     )
-    if image_processor == "torchvision":
-        images = transformers.LlavaNextImageProcessor(**processor_kwargs)
-    elif image_processor == "pil":
-        images = transformers.LlavaNextImageProcessorPil(**processor_kwargs)
-    else:
-        raise ValueError(f"image_processor must be 'torchvision' or 'pil', got {image_processor!r}")
+    images = _image_processor(transformers, "LlavaNextImageProcessor", image_processor, **processor_kwargs)
     return _assemble(
         transformers,
         "LlavaNext",

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from .llava import _build, _finish, _text_fields, _transformers
+from .llava import _build, _finish, _image_processor, _text_fields, _transformers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -128,12 +128,7 @@ def _processor(transformers: Any, family: str, tokenizer: Any, image_processor: 
         merge_size=2,
         size={"shortest_edge": TINY_QWEN_MIN_PIXELS, "longest_edge": TINY_QWEN_MAX_PIXELS},
     )
-    if image_processor == "torchvision":
-        images = transformers.Qwen2VLImageProcessor(**kwargs)
-    elif image_processor == "pil":
-        images = transformers.Qwen2VLImageProcessorPil(**kwargs)
-    else:
-        raise ValueError(f"image_processor must be 'torchvision' or 'pil', got {image_processor!r}")
+    images = _image_processor(transformers, "Qwen2VLImageProcessor", image_processor, **kwargs)
     videos = transformers.Qwen2VLVideoProcessor(**kwargs)
     return getattr(transformers, f"{family}Processor")(
         image_processor=images, tokenizer=tokenizer, video_processor=videos, chat_template=TINY_QWEN_CHAT_TEMPLATE
