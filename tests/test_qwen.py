@@ -109,12 +109,17 @@ def _assert_positions_follow_stock(stock_calls, pruned_calls, stock_inputs, keep
         assert torch.equal(pruned_step[1:], stock_step[1:]), f"decoding step {step}: positions differ from stock"
 
 
-def test_budget_one_feeds_the_llm_exactly_the_stock_input(family):
+def _stock_and_dart_runs(family, budget):
+    """The stock run and an ``equal`` + ``dart`` run at ``budget`` of the same two images and prompt."""
     name, model, processor = family
     images, text = _images(), _prompt(processor)
-    stock_inputs, stock_calls, stock_tokens = _stock_run(model, processor, images, [text])
-    pipe = tp.Pipeline(adapter=name, allocator="equal", selector="dart", budget=1.0)
-    inputs, calls, tokens = _pruned_run(pipe, model, processor, images, [text])
+    stock = _stock_run(model, processor, images, [text])
+    pipe = tp.Pipeline(adapter=name, allocator="equal", selector="dart", budget=budget)
+    return pipe, stock, _pruned_run(pipe, model, processor, images, [text])
+
+
+def test_budget_one_feeds_the_llm_exactly_the_stock_input(family):
+    _, (stock_inputs, stock_calls, stock_tokens), (inputs, calls, tokens) = _stock_and_dart_runs(family, 1.0)
     assert torch.equal(inputs["input_ids"], stock_inputs["input_ids"])
     assert torch.equal(tokens, stock_tokens)
     for (stock_embeds, stock_pos), (embeds, pos) in zip(stock_calls, calls):
@@ -123,11 +128,8 @@ def test_budget_one_feeds_the_llm_exactly_the_stock_input(family):
 
 
 def test_pruned_tokens_keep_their_stock_positions_two_images_of_different_sizes(family):
-    name, model, processor = family
-    images, text = _images(), _prompt(processor)
-    stock_inputs, stock_calls, _ = _stock_run(model, processor, images, [text])
-    pipe = tp.Pipeline(adapter=name, allocator="equal", selector="dart", budget=0.25)
-    inputs, calls, _ = _pruned_run(pipe, model, processor, images, [text])
+    _, model, _ = family
+    pipe, (stock_inputs, stock_calls, _), (inputs, calls, _) = _stock_and_dart_runs(family, 0.25)
     # a fraction of each image's merged tokens, floored: 2 of 8 and 9 of 36
     assert [s.kept for s in pipe.last_stats] == [(2,), (9,)]
     assert [s.stock_image_tokens for s in pipe.last_stats] == [8, 36]

@@ -170,6 +170,11 @@ def _pixels(count: int = 3, seed: int = 1, size: int = SIZE) -> torch.Tensor:
     return torch.randn(count, 3, size, size, generator=generator)
 
 
+def _score(scorer: Any, pixels: torch.Tensor, prompt: Any, **kwargs: Any) -> torch.Tensor:
+    """``scorer.score`` with the VLM pixels normalised by OpenAI's CLIP statistics."""
+    return scorer.score(pixels, prompt, pixel_mean=MEAN, pixel_std=STD, **kwargs)
+
+
 # --------------------------------------------------------------------------- cosines
 
 
@@ -373,14 +378,7 @@ def test_hf_fast_path_equals_slow_path_with_copied_weights(
     )  # a CLIPVisionModel, as in LLaVA, vs the scorer's CLIPModel
     pixels = _pixels(5)
     cls = _hf_raw_cls(tower, pixels)
-    fast = hf_scorer.score(
-        pixels,
-        "the red car",
-        pixel_mean=MEAN,
-        pixel_std=STD,
-        tower=tower,
-        tower_cls=cls,
-    )
+    fast = _score(hf_scorer, pixels, "the red car", tower=tower, tower_cls=cls)
     assert hf_scorer.last_path == REUSED_TOWER_CLS
     assert "equal" in (hf_scorer.last_reason or "")
     slow = hf_scorer.score(pixels, "the red car", pixel_mean=MEAN, pixel_std=STD)
@@ -396,14 +394,7 @@ def test_hf_fast_path_with_the_very_same_module(
 ) -> None:
     pixels = _pixels()
     cls = _hf_raw_cls(hf_clip.vision_model, pixels)
-    fast = hf_scorer.score(
-        pixels,
-        "cat",
-        pixel_mean=MEAN,
-        pixel_std=STD,
-        tower=hf_clip.vision_model,
-        tower_cls=cls,
-    )
+    fast = _score(hf_scorer, pixels, "cat", tower=hf_clip.vision_model, tower_cls=cls)
     assert hf_scorer.last_path == REUSED_TOWER_CLS and "share" in (
         hf_scorer.last_reason or ""
     )
@@ -441,14 +432,7 @@ def test_hf_perturbed_tower_takes_the_slow_path(
     with torch.no_grad():
         tower.pre_layrnorm.bias[3] += 1e-4
     pixels = _pixels()
-    out = hf_scorer.score(
-        pixels,
-        "cat",
-        pixel_mean=MEAN,
-        pixel_std=STD,
-        tower=tower,
-        tower_cls=_hf_raw_cls(tower, pixels),
-    )
+    out = _score(hf_scorer, pixels, "cat", tower=tower, tower_cls=_hf_raw_cls(tower, pixels))
     assert hf_scorer.last_path == SCORER_FORWARD and "pre_layrnorm.bias" in (
         hf_scorer.last_reason or ""
     )
@@ -488,14 +472,7 @@ def test_hf_other_architectures_take_the_slow_path(
     if changes.get("heads"):  # equal values, yet a different computation
         getattr(tower, "vision_model", tower).load_state_dict(hf_clip.vision_model.state_dict())
     pixels = _pixels()
-    hf_scorer.score(
-        pixels,
-        "cat",
-        pixel_mean=MEAN,
-        pixel_std=STD,
-        tower=tower,
-        tower_cls=_hf_raw_cls(tower, pixels),
-    )
+    _score(hf_scorer, pixels, "cat", tower=tower, tower_cls=_hf_raw_cls(tower, pixels))
     assert hf_scorer.last_path == SCORER_FORWARD
     assert any(word in (hf_scorer.last_reason or "") for word in reason.split("|")), (
         hf_scorer.last_reason
@@ -543,14 +520,7 @@ def test_tower_cls_must_fit_the_partitions(
 ) -> None:
     pixels = _pixels(3)
     with pytest.raises(ContractError, match="P = 3"):
-        hf_scorer.score(
-            pixels,
-            "cat",
-            pixel_mean=MEAN,
-            pixel_std=STD,
-            tower=hf_clip,
-            tower_cls=torch.zeros(2, 32),
-        )
+        _score(hf_scorer, pixels, "cat", tower=hf_clip, tower_cls=torch.zeros(2, 32))
 
 
 def test_needs_for(hf_scorer: HFClipScorer, hf_clip: Any) -> None:
@@ -605,14 +575,7 @@ def test_open_clip_fast_path_equals_slow_path() -> None:
         (copy.deepcopy(model.visual), "equal"),
     ):
         cls = _open_clip_raw_cls(tower, pixels)
-        fast = scorer.score(
-            pixels,
-            "a photo",
-            pixel_mean=MEAN,
-            pixel_std=STD,
-            tower=tower,
-            tower_cls=cls,
-        )
+        fast = _score(scorer, pixels, "a photo", tower=tower, tower_cls=cls)
         assert scorer.last_path == REUSED_TOWER_CLS and reason in (
             scorer.last_reason or ""
         )
@@ -633,14 +596,7 @@ def test_open_clip_other_weights_take_the_slow_path() -> None:
         (perturbed, "in_proj_weight"),
         (other_seed, "weights differ"),
     ):
-        scorer.score(
-            pixels,
-            "cat",
-            pixel_mean=MEAN,
-            pixel_std=STD,
-            tower=tower,
-            tower_cls=_open_clip_raw_cls(tower, pixels),
-        )
+        _score(scorer, pixels, "cat", tower=tower, tower_cls=_open_clip_raw_cls(tower, pixels))
         assert scorer.last_path == SCORER_FORWARD and reason in (
             scorer.last_reason or ""
         )

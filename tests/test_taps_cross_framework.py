@@ -38,6 +38,21 @@ def _qkv(attn: nn.Module, part: str) -> torch.Tensor:
     return torch.cat([getattr(getattr(attn, f"{p}_proj"), part) for p in ("q", "k", "v")])
 
 
+def _block_state(layer: nn.Module, prefix: str, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """A transformers CLIP encoder layer's weights under another framework's ``names``.
+
+    ``names`` are templates (``{}`` = ``weight``/``bias``) for, in order: norm1, fused qkv,
+    attention output, norm2, mlp fc1, mlp fc2.
+    """
+    attn = layer.self_attn
+    sources = (layer.layer_norm1, None, attn.out_proj, layer.layer_norm2, layer.mlp.fc1, layer.mlp.fc2)
+    return {
+        f"{prefix}.{name.format(part)}": _qkv(attn, part) if source is None else getattr(source, part)
+        for name, source in zip(names, sources, strict=True)
+        for part in ("weight", "bias")
+    }
+
+
 def _to_timm(hf: nn.Module) -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
@@ -56,23 +71,8 @@ def _to_timm(hf: nn.Module) -> nn.Module:
         "norm.bias": hf.post_layernorm.bias,
     }
     for i, layer in enumerate(hf.encoder.layers):
-        attn = layer.self_attn
-        state.update(
-            {
-                f"blocks.{i}.norm1.weight": layer.layer_norm1.weight,
-                f"blocks.{i}.norm1.bias": layer.layer_norm1.bias,
-                f"blocks.{i}.attn.qkv.weight": _qkv(attn, "weight"),
-                f"blocks.{i}.attn.qkv.bias": _qkv(attn, "bias"),
-                f"blocks.{i}.attn.proj.weight": attn.out_proj.weight,
-                f"blocks.{i}.attn.proj.bias": attn.out_proj.bias,
-                f"blocks.{i}.norm2.weight": layer.layer_norm2.weight,
-                f"blocks.{i}.norm2.bias": layer.layer_norm2.bias,
-                f"blocks.{i}.mlp.fc1.weight": layer.mlp.fc1.weight,
-                f"blocks.{i}.mlp.fc1.bias": layer.mlp.fc1.bias,
-                f"blocks.{i}.mlp.fc2.weight": layer.mlp.fc2.weight,
-                f"blocks.{i}.mlp.fc2.bias": layer.mlp.fc2.bias,
-            }
-        )
+        timm_names = ("norm1.{}", "attn.qkv.{}", "attn.proj.{}", "norm2.{}", "mlp.fc1.{}", "mlp.fc2.{}")
+        state.update(_block_state(layer, f"blocks.{i}", timm_names))
     model.load_state_dict(state, strict=True)
     return model
 
@@ -96,24 +96,8 @@ def _to_open_clip(hf: nn.Module) -> nn.Module:
         "proj": torch.eye(WIDTH),
     }
     for i, layer in enumerate(hf.encoder.layers):
-        attn = layer.self_attn
-        prefix = f"transformer.resblocks.{i}"
-        state.update(
-            {
-                f"{prefix}.ln_1.weight": layer.layer_norm1.weight,
-                f"{prefix}.ln_1.bias": layer.layer_norm1.bias,
-                f"{prefix}.attn.in_proj_weight": _qkv(attn, "weight"),
-                f"{prefix}.attn.in_proj_bias": _qkv(attn, "bias"),
-                f"{prefix}.attn.out_proj.weight": attn.out_proj.weight,
-                f"{prefix}.attn.out_proj.bias": attn.out_proj.bias,
-                f"{prefix}.ln_2.weight": layer.layer_norm2.weight,
-                f"{prefix}.ln_2.bias": layer.layer_norm2.bias,
-                f"{prefix}.mlp.c_fc.weight": layer.mlp.fc1.weight,
-                f"{prefix}.mlp.c_fc.bias": layer.mlp.fc1.bias,
-                f"{prefix}.mlp.c_proj.weight": layer.mlp.fc2.weight,
-                f"{prefix}.mlp.c_proj.bias": layer.mlp.fc2.bias,
-            }
-        )
+        open_clip_names = ("ln_1.{}", "attn.in_proj_{}", "attn.out_proj.{}", "ln_2.{}", "mlp.c_fc.{}", "mlp.c_proj.{}")
+        state.update(_block_state(layer, f"transformer.resblocks.{i}", open_clip_names))
     model.load_state_dict(state, strict=True)
     return model
 

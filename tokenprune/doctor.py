@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ._subcommand import add_command
 from .errors import IncompatibleError
 
 __all__ = ["add_doctor_parser", "report", "format_report"]
@@ -111,6 +112,6 @@ _HELP = "versions, device and what tokenprune detected (generate path, attention
 
 
 def add_doctor_parser(sub: Any) -> None:
-    doctor = sub.add_parser("doctor", help=_HELP, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    doctor = add_command(sub, "doctor", _HELP, __doc__)
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     doctor.set_defaults(func=_cmd_doctor)

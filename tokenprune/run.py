@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ._subcommand import add_command
 from .experiments.validate import check_run_arguments
 from .pipeline import Pipeline
 from .runtime import (
@@ -182,12 +183,8 @@ def _common_arguments(parser: argparse.ArgumentParser, out: str) -> None:
 
 
 def add_run_parser(sub: Any) -> None:
-    parser = sub.add_parser(
-        "run",
-        help="prune one image for one prompt, compare with the full model, draw the kept tokens",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    summary = "prune one image for one prompt, compare with the full model, draw the kept tokens"
+    parser = add_command(sub, "run", summary, __doc__)
     _common_arguments(parser, "tokenprune_run.png")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (median)")

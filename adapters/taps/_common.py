@@ -360,6 +360,16 @@ class HookTap(AttentionTap):
         self.tower = tower
         self.core = core
 
+    @classmethod
+    def _core_or_refuse(cls, tower: nn.Module, kind: str) -> nn.Module:
+        """``cls.find_core(tower)``, or :class:`IncompatibleError` naming ``kind`` and what is supported."""
+        core = cls.find_core(tower)  # type: ignore[attr-defined]
+        if core is None:
+            raise IncompatibleError(
+                f"{type(tower).__name__} is not a supported {kind}; supported: {cls.supported_types[0]}"
+            )
+        return core
+
     # what a framework provides --------------------------------------------------
     @property
     @abstractmethod
@@ -367,9 +377,9 @@ class HookTap(AttentionTap):
         """The transformer blocks, in order."""
 
     @property
-    @abstractmethod
     def prefix_tokens(self) -> int:
-        """Tokens before the patch tokens (CLS and register tokens)."""
+        """Tokens before the patch tokens (CLS and register tokens); by default the CLS token alone."""
+        return 1 if self.has_cls_token else 0
 
     @abstractmethod
     def _head_scale(self, layer: int) -> float:

@@ -53,12 +53,7 @@ class OpenClipVitTap(HookTap):
         return None
 
     def __init__(self, tower: nn.Module) -> None:
-        core = self.find_core(tower)
-        if core is None:
-            raise IncompatibleError(
-                f"{type(tower).__name__} is not a supported open_clip tower; supported: "
-                f"{self.supported_types[0]}"
-            )
+        core = self._core_or_refuse(tower, "open_clip tower")
         super().__init__(tower, core)
         for index, block in enumerate(core.transformer.resblocks):
             attn = getattr(block, "attn", None)
@@ -81,10 +76,6 @@ class OpenClipVitTap(HookTap):
     @property
     def has_cls_token(self) -> bool:
         return getattr(self.core, "class_embedding", None) is not None
-
-    @property
-    def prefix_tokens(self) -> int:
-        return 1 if self.has_cls_token else 0
 
     @property
     def _batch_first(self) -> bool:

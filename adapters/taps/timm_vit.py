@@ -45,11 +45,7 @@ class TimmVitTap(HookTap):
         return module if isinstance(module, VisionTransformer) else None
 
     def __init__(self, tower: nn.Module) -> None:
-        core = self.find_core(tower)
-        if core is None:
-            raise IncompatibleError(
-                f"{type(tower).__name__} is not a supported timm tower; supported: {self.supported_types[0]}"
-            )
+        core = self._core_or_refuse(tower, "timm tower")
         super().__init__(tower, core)
         for index, block in enumerate(core.blocks):
             attn = getattr(block, "attn", None)

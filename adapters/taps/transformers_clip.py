@@ -62,12 +62,7 @@ class TransformersVisionTap(HookTap):
         return None
 
     def __init__(self, tower: nn.Module) -> None:
-        core = self.find_core(tower)
-        if core is None:
-            raise IncompatibleError(
-                f"{type(tower).__name__} is not a supported transformers vision tower; supported: "
-                f"{self.supported_types[0]}"
-            )
+        core = self._core_or_refuse(tower, "transformers vision tower")
         super().__init__(tower, core)
         layers = _layers_of(core)
         assert layers is not None
@@ -88,10 +83,6 @@ class TransformersVisionTap(HookTap):
     @property
     def has_cls_token(self) -> bool:
         return self._has_cls
-
-    @property
-    def prefix_tokens(self) -> int:
-        return 1 if self._has_cls else 0
 
     def _head_scale(self, layer: int) -> float:
         attn = self._layers[layer].self_attn

@@ -34,19 +34,11 @@ __all__ = ["PALETTE", "SCENE_IDS", "render", "sample_image", "sample_set", "writ
 Colour = tuple[int, int, int]
 
 PALETTE: dict[str, Colour] = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 70),
-    "blue": (40, 90, 220),
-    "yellow": (245, 205, 40),
-    "orange": (245, 130, 30),
-    "purple": (140, 60, 180),
-    "black": (20, 20, 20),
-    "white": (250, 250, 250),
-    "gray": (128, 128, 128),
-    "beige": (236, 226, 204),
-    "navy": (25, 30, 70),
-    "sky": (150, 200, 240),
-}
+    "red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 90, 220),
+    "yellow": (245, 205, 40), "orange": (245, 130, 30), "purple": (140, 60, 180),
+    "black": (20, 20, 20), "white": (250, 250, 250), "gray": (128, 128, 128),
+    "beige": (236, 226, 204), "navy": (25, 30, 70), "sky": (150, 200, 240),
+}  # fmt: skip
 """Colour name -> exact RGB drawn. Answer colours are the first nine (common names)."""
 
 
@@ -89,107 +81,68 @@ def _canvas(width: int, height: int, background: str) -> tuple[Image.Image, Imag
     return image, ImageDraw.Draw(image)
 
 
+def _box(draw: ImageDraw.ImageDraw, x0: int, y0: int, x1: int, y1: int, colour: str) -> None:
+    draw.rectangle((x0, y0, x1, y1), fill=PALETTE[colour])
+
+
+def _polygon(draw: ImageDraw.ImageDraw, points: list[tuple[int, int]], colour: str) -> None:
+    draw.polygon(points, fill=PALETTE[colour])
+
+
 # ---------------------------------------------------------------- scenes
-def _house() -> Image.Image:
-    image, draw = _canvas(640, 480, "sky")
-    draw.rectangle((0, 330, 639, 479), fill=PALETTE["green"])  # grass
-    _circle(draw, 540, 90, 45, "yellow")  # sun
-    draw.rectangle((200, 220, 400, 380), fill=PALETTE["red"])  # house body
-    draw.polygon([(180, 220), (300, 130), (420, 220)], fill=PALETTE["black"])  # roof
-    draw.rectangle((280, 300, 320, 380), fill=PALETTE["white"])  # door
-    return image
+Shape = tuple  # (drawing helper, *its arguments after ``draw``)
 
 
-def _circle_colour() -> Image.Image:
-    image, draw = _canvas(640, 480, "beige")
-    _square(draw, 140, 240, 70, "red")
-    _circle(draw, 330, 240, 75, "green")
-    _triangle(draw, 520, 250, 85, "blue")
-    return image
+def _scene(width: int, height: int, background: str, *shapes: Shape) -> Callable[[], Image.Image]:
+    """A scene drawer: a fresh ``width`` x ``height`` canvas with ``shapes`` drawn in order."""
+
+    def draw_scene() -> Image.Image:
+        image, draw = _canvas(width, height, background)
+        for helper, *arguments in shapes:
+            helper(draw, *arguments)
+        return image
+
+    return draw_scene
 
 
-def _count_squares() -> Image.Image:
-    image, draw = _canvas(1008, 336, "white")
-    for cx, cy in ((90, 90), (260, 230), (480, 110), (700, 240), (900, 100)):
-        _square(draw, cx, cy, 45, "orange")
-    for cx, cy in ((380, 250), (800, 120)):
-        _circle(draw, cx, cy, 40, "blue")
-    return image
-
-
-def _count_circles_tall() -> Image.Image:
-    image, draw = _canvas(336, 1008, "beige")
-    for cx, cy in ((110, 140), (220, 480), (120, 830)):
-        _circle(draw, cx, cy, 60, "purple")
-    for cx, cy in ((240, 300), (230, 680)):
-        _triangle(draw, cx, cy, 60, "yellow")
-    return image
-
-
-def _triangle_side() -> Image.Image:
-    image, draw = _canvas(800, 400, "white")
-    _triangle(draw, 170, 210, 110, "orange")
-    _circle(draw, 620, 200, 100, "blue")
-    return image
-
-
-def _above_below() -> Image.Image:
-    image, draw = _canvas(400, 800, "white")
-    _circle(draw, 200, 180, 90, "red")
-    _square(draw, 200, 610, 90, "blue")
-    return image
-
-
-def _sign_word() -> Image.Image:
-    image, draw = _canvas(672, 448, "gray")
-    draw.rectangle((96, 124, 576, 324), fill=PALETTE["white"])
-    _text(draw, 336, 224, "STOP", 120, "black")
-    return image
-
-
-def _number() -> Image.Image:
-    image, draw = _canvas(480, 640, "navy")
-    _text(draw, 240, 320, "42", 220, "white")
-    return image
-
-
-def _shape_of_red() -> Image.Image:
-    image, draw = _canvas(500, 500, "white")
-    _star(draw, 150, 160, 110, "red")
-    _circle(draw, 360, 150, 80, "blue")
-    _square(draw, 250, 390, 75, "green")
-    return image
-
-
-def _background() -> Image.Image:
-    image, draw = _canvas(336, 336, "blue")
-    _circle(draw, 168, 168, 70, "yellow")
-    return image
-
-
-def _bigger() -> Image.Image:
-    image, draw = _canvas(900, 600, "beige")
-    _circle(draw, 300, 300, 200, "green")
-    _square(draw, 700, 320, 40, "blue")
-    return image
+def _each(helper: Callable[..., None], centres: tuple[tuple[int, int], ...], size: int, colour: str) -> tuple[Shape, ...]:
+    """The same shape at every centre."""
+    return tuple((helper, cx, cy, size, colour) for cx, cy in centres)
 
 
 _GRID_COLOURS = ("purple", "orange", "blue", "green", "red", "yellow", "black", "gray", "white")
 
-
-def _grid_corner() -> Image.Image:
-    image, draw = _canvas(672, 672, "beige")
-    for k, colour in enumerate(_GRID_COLOURS):
-        row, col = divmod(k, 3)
-        _square(draw, 112 + 224 * col, 112 + 224 * row, 90, colour)
-    return image
-
-
-def _count_stars_wide() -> Image.Image:
-    image, draw = _canvas(1344, 336, "navy")
-    for cx, cy in ((170, 170), (500, 150), (840, 190), (1180, 160)):
-        _star(draw, cx, cy, 110, "yellow")
-    return image
+_house = _scene(
+    640, 480, "sky",
+    (_box, 0, 330, 639, 479, "green"),  # grass
+    (_circle, 540, 90, 45, "yellow"),  # sun
+    (_box, 200, 220, 400, 380, "red"),  # house body
+    (_polygon, [(180, 220), (300, 130), (420, 220)], "black"),  # roof
+    (_box, 280, 300, 320, 380, "white"),  # door
+)  # fmt: skip
+_circle_colour = _scene(640, 480, "beige", (_square, 140, 240, 70, "red"), (_circle, 330, 240, 75, "green"), (_triangle, 520, 250, 85, "blue"))  # fmt: skip
+_count_squares = _scene(
+    1008, 336, "white",
+    *_each(_square, ((90, 90), (260, 230), (480, 110), (700, 240), (900, 100)), 45, "orange"),
+    *_each(_circle, ((380, 250), (800, 120)), 40, "blue"),
+)  # fmt: skip
+_count_circles_tall = _scene(
+    336, 1008, "beige",
+    *_each(_circle, ((110, 140), (220, 480), (120, 830)), 60, "purple"),
+    *_each(_triangle, ((240, 300), (230, 680)), 60, "yellow"),
+)  # fmt: skip
+_triangle_side = _scene(800, 400, "white", (_triangle, 170, 210, 110, "orange"), (_circle, 620, 200, 100, "blue"))  # fmt: skip
+_above_below = _scene(400, 800, "white", (_circle, 200, 180, 90, "red"), (_square, 200, 610, 90, "blue"))  # fmt: skip
+_sign_word = _scene(672, 448, "gray", (_box, 96, 124, 576, 324, "white"), (_text, 336, 224, "STOP", 120, "black"))  # fmt: skip
+_number = _scene(480, 640, "navy", (_text, 240, 320, "42", 220, "white"))
+_shape_of_red = _scene(500, 500, "white", (_star, 150, 160, 110, "red"), (_circle, 360, 150, 80, "blue"), (_square, 250, 390, 75, "green"))  # fmt: skip
+_background = _scene(336, 336, "blue", (_circle, 168, 168, 70, "yellow"))
+_bigger = _scene(900, 600, "beige", (_circle, 300, 300, 200, "green"), (_square, 700, 320, 40, "blue"))  # fmt: skip
+_grid_corner = _scene(
+    672, 672, "beige",
+    *((_square, 112 + 224 * (k % 3), 112 + 224 * (k // 3), 90, colour) for k, colour in enumerate(_GRID_COLOURS)),
+)  # fmt: skip
+_count_stars_wide = _scene(1344, 336, "navy", *_each(_star, ((170, 170), (500, 150), (840, 190), (1180, 160)), 110, "yellow"))  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -593,14 +593,9 @@ def _compute(
 
 
 def add_sweep_parser(sub: Any) -> None:
-    import argparse
+    from .._subcommand import add_command
 
-    parser = sub.add_parser(
-        "sweep",
-        help="run (or resume) an ablation sweep from a YAML/TOML config",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_command(sub, "sweep", "run (or resume) an ablation sweep from a YAML/TOML config", __doc__)
     parser.add_argument("config", help="sweep config (.yaml, .yml or .toml)")
     parser.add_argument("--limit", type=int, help="only the first N samples, N >= 1 (a quick look)")
     parser.add_argument("--no-plots", action="store_true", help="write the tables only")

@@ -130,11 +130,19 @@ def _vision_config(transformers: Any, image_size: int, patch_size: int) -> Any:
     )
 
 
-def _text_config(transformers: Any, tokenizer: Any) -> Any:
-    return transformers.LlamaConfig(
+def _image_processor(transformers: Any, class_name: str, backend: str, **kwargs: Any) -> Any:
+    """``transformers.<class_name>`` (``backend="torchvision"``) or its ``...Pil`` twin, built with ``kwargs``."""
+    if backend not in ("torchvision", "pil"):
+        raise ValueError(f"image_processor must be 'torchvision' or 'pil', got {backend!r}")
+    return getattr(transformers, class_name + ("Pil" if backend == "pil" else ""))(**kwargs)
+
+
+def _text_fields(tokenizer: Any, hidden_size: int, **overrides: Any) -> dict[str, Any]:
+    """The tiny LLM's config fields: two layers, 4 heads over 2 KV heads, ``tokenizer``'s ids."""
+    fields = dict(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -143,6 +151,11 @@ def _text_config(transformers: Any, tokenizer: Any) -> Any:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    return {**fields, **overrides}
+
+
+def _text_config(transformers: Any, tokenizer: Any) -> Any:
+    return transformers.LlamaConfig(**_text_fields(tokenizer, hidden_size=32))
 
 
 def _finish(model: Any, tokenizer: Any) -> Any:
@@ -224,12 +237,7 @@ def tiny_llava_next(
         crop_size={"height": crop_size, "width": crop_size},
         image_grid_pinpoints=pinpoints,
     )
-    if image_processor == "torchvision":
-        images = transformers.LlavaNextImageProcessor(**processor_kwargs)
-    elif image_processor == "pil":
-        images = transformers.LlavaNextImageProcessorPil(**processor_kwargs)
-    else:
-        raise ValueError(f"image_processor must be 'torchvision' or 'pil', got {image_processor!r}")
+    images = _image_processor(transformers, "LlavaNextImageProcessor", image_processor, **processor_kwargs)
     return _assemble(
         transformers,
         "LlavaNext",

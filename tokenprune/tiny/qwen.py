@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from .llava import _build, _finish, _transformers
+from .llava import _build, _finish, _image_processor, _text_fields, _transformers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -102,19 +102,12 @@ def tiny_qwen_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def _text_config(tokenizer: Any) -> dict[str, Any]:
-    return dict(
-        vocab_size=len(tokenizer),
+    return _text_fields(
+        tokenizer,
         hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
         # head_dim 16: the rotary half (8) splits into t, h, w sections
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]},
         bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
 
 
@@ -135,12 +128,7 @@ def _processor(transformers: Any, family: str, tokenizer: Any, image_processor: 
         merge_size=2,
         size={"shortest_edge": TINY_QWEN_MIN_PIXELS, "longest_edge": TINY_QWEN_MAX_PIXELS},
     )
-    if image_processor == "torchvision":
-        images = transformers.Qwen2VLImageProcessor(**kwargs)
-    elif image_processor == "pil":
-        images = transformers.Qwen2VLImageProcessorPil(**kwargs)
-    else:
-        raise ValueError(f"image_processor must be 'torchvision' or 'pil', got {image_processor!r}")
+    images = _image_processor(transformers, "Qwen2VLImageProcessor", image_processor, **kwargs)
     videos = transformers.Qwen2VLVideoProcessor(**kwargs)
     return getattr(transformers, f"{family}Processor")(
         image_processor=images, tokenizer=tokenizer, video_processor=videos, chat_template=TINY_QWEN_CHAT_TEMPLATE
