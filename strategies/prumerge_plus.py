@@ -8,8 +8,12 @@ from functools import lru_cache
 from typing import Literal
 
 import torch
+from tokenprune.strategies._prumerge_common import (
+    REFERENCE_OPTIONS,
+    PartitionScores,
+    PruMergeBase,
+)
 from tokenprune.strategies._scores import attention_order
-from tokenprune.strategies.prumerge import PruMerge
 
 from tokenprune import ConfigError, register_preset, register_selector
 
@@ -117,7 +121,7 @@ def stride_points(ratio: float, tokens: int) -> torch.Tensor:
 
 @register_selector("prumerge_plus")
 @dataclass(frozen=True)
-class PruMergePlus(PruMerge):
+class PruMergePlus(PruMergeBase):
     """PruMerge plus spatially uniform tokens on a 2-D grid, all merged alike (PruMerge+).
 
     Shang et al., "LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal
@@ -199,12 +203,11 @@ class PruMergePlus(PruMerge):
         counts = [min(int(tokens * r), c) for r, c in zip(ratios, caps)]
         return counts, ratios
 
-    def _auto_kept(
-        self, scores: torch.Tensor, valid: torch.Tensor, attention_count: int, ratio: float
-    ) -> int:
-        capacity = int(valid.sum())
+    def _auto_kept(self, part: PartitionScores) -> int:
+        capacity = int(part.valid.sum())
+        attention_count = part.attention_count
         if self.spatial == "stride":
-            return int(self._stride_extra(scores, valid, attention_count, ratio).numel()) + attention_count
+            return int(self._stride_extra(part).numel()) + attention_count
         # The largest m whose attention part is the adaptive count.
         kept = min(capacity, math.floor(attention_count / (1.0 - self.spatial_share) + _SLACK))
         while kept < capacity and attention_part(kept + 1, self.spatial_share) <= attention_count:
@@ -213,34 +216,26 @@ class PruMergePlus(PruMerge):
             kept -= 1
         return kept
 
-    def _stride_extra(
-        self, scores: torch.Tensor, valid: torch.Tensor, attention_count: int, ratio: float
-    ) -> torch.Tensor:
+    def _stride_extra(self, part: PartitionScores) -> torch.Tensor:
         """Valid stride points not among the top ``attention_count`` tokens, ascending."""
-        points = stride_points(ratio, int(valid.numel())).to(valid.device)
+        valid = part.valid
+        points = stride_points(part.ratio, int(valid.numel())).to(valid.device)
         taken = torch.zeros_like(valid)
-        taken[attention_order(scores, valid)[:attention_count]] = True
+        taken[attention_order(part.scores, valid)[: part.attention_count]] = True
         return points[valid[points] & ~taken[points]]
 
-    def _keep_mask(
-        self,
-        scores: torch.Tensor,
-        valid: torch.Tensor,
-        kept: int,
-        attention_count: int,
-        ratio: float,
-        side: int,
-    ) -> torch.Tensor:
-        by_attention = attention_order(scores, valid)
-        keep = torch.zeros_like(valid)
+    def _keep_mask(self, part: PartitionScores, kept: int) -> torch.Tensor:
+        """The attention part of ``kept`` by CLS attention, the rest spatial (grid or stride)."""
+        by_attention = attention_order(part.scores, part.valid)
+        keep = torch.zeros_like(part.valid)
         if self.spatial == "stride":
-            picked = min(kept, attention_count)
+            picked = min(kept, part.attention_count)
             keep[by_attention[:picked]] = True
-            keep[self._stride_extra(scores, valid, attention_count, ratio)[: kept - picked]] = True
+            keep[self._stride_extra(part)[: kept - picked]] = True
             return keep
         picked = attention_part(kept, self.spatial_share)
         keep[by_attention[:picked]] = True
-        order = spatial_order(valid, side)
+        order = spatial_order(part.valid, part.side)
         free = ~keep[order]
         # The first (kept - picked) spatial tokens that attention did not already take.
         keep[order[free & (torch.cumsum(free, dim=0) <= kept - picked)]] = True
@@ -250,18 +245,7 @@ class PruMergePlus(PruMerge):
 register_preset(
     "selector",
     "prumerge_plus@reference",
-    {
-        "layer": -1,
-        "wide_head": True,
-        "count": "auto",
-        "iqr_scope": "batch",
-        "min_tokens": 0,
-        "k": 32,
-        "neighbours": "all",
-        "merge": "sum",
-        "summary": True,
-        "spatial": "stride",
-    },
+    {**REFERENCE_OPTIONS, "spatial": "stride"},
     doc="""PruMerge+ as released (42Shawn/LLaVA-PruMerge): batch IQR count plus a 1-D raster stride.
 
     Keeps: everything prumerge@reference keeps (wide head, batch-pooled IQR ratio, no minimum,

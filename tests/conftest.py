@@ -65,6 +65,42 @@ def fill_in_order() -> FillInOrder:
     return FillInOrder()
 
 
+# --------------------------------------------------------------------------- allocator tests
+
+
+@dataclass(frozen=True)
+class FirstValid(tokenprune.Selector):
+    """Test selector: the first ``budgets[p]`` valid tokens of each partition."""
+
+    def select(self, layout: tokenprune.Layout, signals: tokenprune.Signals, budgets: torch.Tensor) -> tokenprune.Selection:
+        return tokenprune.Selection(
+            tuple(layout.valid[p].nonzero().flatten()[: int(b)] for p, b in enumerate(budgets.tolist()))
+        )
+
+
+def assert_batch_equals_per_image(
+    allocator: tokenprune.BudgetAllocator,
+    layouts: list[tokenprune.Layout],
+    signals: list[tokenprune.Signals],
+    totals: list[int],
+) -> None:
+    """``allocate_batch`` gives every image exactly what ``allocate`` gives it alone."""
+    batch = allocator.allocate_batch(layouts, signals, totals)
+    assert len(batch) == len(layouts)
+    for budgets, layout, signal, total in zip(batch, layouts, signals, totals):
+        assert torch.equal(budgets, allocator.allocate(layout, signal, total))
+
+
+def quadrants(side: int = 4) -> torch.Tensor:
+    """2x2 tiles over a ``side`` x ``side`` thumbnail: tile r{r}c{c} owns the rows and columns of its quarter."""
+    tokens = side * side
+    overlap = torch.zeros(4, tokens)
+    for token in range(tokens):
+        row, col = divmod(token, side)
+        overlap[(row // (side // 2)) * 2 + col // (side // 2), token] = 1.0
+    return overlap
+
+
 # ---------------------------------------------------------------------- tiny vision towers
 @pytest.fixture(scope="session")
 def hf_vision_tower() -> Callable[..., torch.nn.Module]:

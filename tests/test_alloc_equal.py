@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
+from tokenprune.strategies.equal import EqualAllocator
 
 import tokenprune as tp
-from tokenprune import ConfigError, Layout, Needs, Selection, Selector, Signals
-from tokenprune.strategies.equal import EqualAllocator
+from tokenprune import ConfigError, Layout, Needs, Signals
+
+from .conftest import FirstValid
 
 SIDE, N = 4, 16
 
@@ -67,16 +67,6 @@ def test_batch_equals_per_image_and_needs_nothing():
     assert EqualAllocator().needs == Needs()
     with pytest.raises(ConfigError, match="rounding"):
         tp.build_allocator("equal", rounding="nearest")
-
-
-@dataclass(frozen=True)
-class FirstValid(Selector):
-    """Test selector: the first ``budgets[p]`` valid tokens of each partition."""
-
-    def select(self, layout: Layout, signals: Signals, budgets: torch.Tensor) -> Selection:
-        return Selection(
-            tuple(layout.valid[p].nonzero().flatten()[: int(b)] for p, b in enumerate(budgets.tolist()))
-        )
 
 
 def test_builds_by_name_and_runs_in_a_pipeline():

@@ -10,36 +10,26 @@ last tile holds only 4 valid tokens. With tau_visual = 0.5, tau_text = 0.1, lamb
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
+from tokenprune.strategies.hero_allocator import HeroAllocator
 
 import tokenprune as tp
 from tokenprune import (
     ConfigError,
     Layout,
     Needs,
-    Selection,
-    Selector,
     SignalError,
     Signals,
 )
-from tokenprune.strategies.hero_allocator import HeroAllocator
+
+from .conftest import FirstValid, assert_batch_equals_per_image, quadrants
 
 SIDE, N = 4, 16
 SIM = [0.775803, 0.104994, 0.104994, 0.014209]
 CLIP = [0.154892, 0.056982, 0.093947, 0.694179]
 FUSED = [0.465348, 0.080988, 0.099470, 0.354194]
 HAND = {"tau_visual": 0.5, "tau_text": 0.1, "saliency_weight": 0.5}
-
-
-def quadrants() -> torch.Tensor:
-    overlap = torch.zeros(4, N)
-    for token in range(N):
-        row, col = divmod(token, SIDE)
-        overlap[(row // 2) * 2 + col // 2, token] = 1.0
-    return overlap
 
 
 def hero_layout() -> Layout:
@@ -191,9 +181,7 @@ def test_batch_equals_per_image():
     other = Layout(SIDE, (1, 2), True, torch.ones(3, N, dtype=torch.bool), quadrants()[:2] + quadrants()[2:])
     other_signals = Signals(cls_embedding={-1: torch.randn(3, 2)}, relevance=torch.randn(3))
     for allocator in (HeroAllocator(), tp.build_allocator("hero@reference")):
-        batch = allocator.allocate_batch([layout, other], [signals, other_signals], [30, 11])
-        assert torch.equal(batch[0], allocator.allocate(layout, signals, 30))
-        assert torch.equal(batch[1], allocator.allocate(other, other_signals, 11))
+        assert_batch_equals_per_image(allocator, [layout, other], [signals, other_signals], [30, 11])
 
 
 @pytest.mark.parametrize(
@@ -216,16 +204,6 @@ def test_needs_follow_the_terms_in_use():
     assert HeroAllocator().needs == Needs(cls_embedding={-1}, relevance=True)
     assert HeroAllocator(saliency_weight=0.0).needs == Needs(relevance=True)
     assert HeroAllocator(embedding_layer=-2, saliency_weight=1.0).needs == Needs(cls_embedding={-2})
-
-
-@dataclass(frozen=True)
-class FirstValid(Selector):
-    """Test selector: the first ``budgets[p]`` valid tokens of each partition."""
-
-    def select(self, layout: Layout, signals: Signals, budgets: torch.Tensor) -> Selection:
-        return Selection(
-            tuple(layout.valid[p].nonzero().flatten()[: int(b)] for p, b in enumerate(budgets.tolist()))
-        )
 
 
 def test_builds_by_name_and_runs_in_a_pipeline():

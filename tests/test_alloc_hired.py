@@ -6,25 +6,16 @@ exact in floating point and the expectations can be written by hand.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
-
-import tokenprune as tp
-from tokenprune import ConfigError, Layout, Selection, Selector, SignalError, Signals
 from tokenprune.strategies.hired import HiredAllocator, band_regions
 
+import tokenprune as tp
+from tokenprune import ConfigError, Layout, SignalError, Signals
+
+from .conftest import FirstValid, assert_batch_equals_per_image, quadrants
+
 SIDE, N = 4, 16  # tokens per side, tokens per partition
-
-
-def quadrants() -> torch.Tensor:
-    """2x2 tiles over a 4x4 thumbnail: tile r{r}c{c} owns thumbnail rows 2r..2r+1, cols 2c..2c+1."""
-    overlap = torch.zeros(4, N)
-    for token in range(N):
-        row, col = divmod(token, SIDE)
-        overlap[(row // 2) * 2 + col // 2, token] = 1.0
-    return overlap
 
 
 def halves() -> torch.Tensor:
@@ -286,9 +277,7 @@ def test_batch_equals_per_image(quad):
     other = grid_layout((1, 2), halves())
     other_signals = thumbnail_signals(3, torch.full((2, N), 1 / 32))
     for allocator in (HiredAllocator(), tp.build_allocator("hired@reference")):
-        batch = allocator.allocate_batch([layout, other], [signals, other_signals], [20, 7])
-        assert torch.equal(batch[0], allocator.allocate(layout, signals, 20))
-        assert torch.equal(batch[1], allocator.allocate(other, other_signals, 7))
+        assert_batch_equals_per_image(allocator, [layout, other], [signals, other_signals], [20, 7])
 
 
 # --------------------------------------------------------------------------- options and wiring
@@ -314,16 +303,6 @@ def test_bad_options_are_config_errors(options, message):
 def test_needs_and_exactness():
     assert HiredAllocator(init_layer=3).needs == tp.Needs(cls_attention={3})
     assert HiredAllocator().exact and not HiredAllocator(rounding="floor").exact
-
-
-@dataclass(frozen=True)
-class FirstValid(Selector):
-    """Test selector: the first ``budgets[p]`` valid tokens of each partition."""
-
-    def select(self, layout: Layout, signals: Signals, budgets: torch.Tensor) -> Selection:
-        return Selection(
-            tuple(layout.valid[p].nonzero().flatten()[: int(b)] for p, b in enumerate(budgets.tolist()))
-        )
 
 
 def test_builds_by_name_and_runs_in_a_pipeline(quad):

@@ -49,6 +49,16 @@ def random_signals(layout: tp.Layout, seed: int, *, dim: int = 4, wide: bool = F
     return signals(attention, features, keys, wide=wide)
 
 
+def half_signals(sig: tp.Signals) -> tp.Signals:
+    """``sig`` (per-head attention at block 1) with features, attention and keys in float16."""
+    return tp.Signals(
+        features=sig.features.half(),
+        cls_attention={1: sig.cls_attention[1].half()},
+        keys={1: sig.keys[1].half()},
+        num_layers=LAYERS,
+    )
+
+
 def pipeline(selector: str = "prumerge", budget: int = 4, **options: object) -> tp.Pipeline:
     return tp.Pipeline(allocator=EvenSplit(), selector=selector, budget=budget, selector_options=options)
 
@@ -319,12 +329,7 @@ def test_exact_budgets_valid_ascending_nested(options):
 def test_fp16_signals_match_float32():
     layout = grid_layout()
     sig = random_signals(layout, seed=5, dim=8)
-    half = tp.Signals(
-        features=sig.features.half(),
-        cls_attention={1: sig.cls_attention[1].half()},
-        keys={1: sig.keys[1].half()},
-        num_layers=LAYERS,
-    )
+    half = half_signals(sig)
     full = pipeline(budget=20).apply(layout, sig).selection
     low = pipeline(budget=20).apply(layout, half).selection
     for a, b, fa, fb in zip(full.indices, low.indices, full.features, low.features):

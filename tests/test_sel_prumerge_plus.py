@@ -13,7 +13,7 @@ from tokenprune.strategies.prumerge_plus import (
 
 import tokenprune as tp
 
-from .test_sel_prumerge import LAYERS, EvenSplit, random_signals, signals
+from .test_sel_prumerge import EvenSplit, half_signals, random_signals, signals
 
 
 def pipeline(selector: str = "prumerge_plus", budget: int = 13, **options: object) -> tp.Pipeline:
@@ -149,12 +149,7 @@ def test_auto_count_adds_three_spatial_tokens_per_outlier():
 def test_fp16_signals():
     layout = tp.Layout.single(6)
     sig = random_signals(layout, seed=12, dim=8)
-    half = tp.Signals(
-        features=sig.features.half(),
-        cls_attention={1: sig.cls_attention[1].half()},
-        keys={1: sig.keys[1].half()},
-        num_layers=LAYERS,
-    )
+    half = half_signals(sig)
     full = pipeline(budget=10).apply(layout, sig).selection
     low = pipeline(budget=10).apply(layout, half).selection
     assert torch.equal(full.indices[0], low.indices[0])
