@@ -48,6 +48,7 @@ from tokenprune.errors import ConfigError, IncompatibleError, TokenpruneError
 from tokenprune.registry import register_adapter
 from tokenprune.tower import prune_batch
 
+from ._generate_inputs import generate_inputs
 from ._llava_family import (
     LlavaFamilyAdapter,
     LlavaImageStats,
@@ -431,15 +432,12 @@ class Qwen2_5_VLAdapter(VLMAdapter):
         out = prune_sequence(
             input_ids, attention_mask, positions, keep_image, model.config.image_token_id, pad_id if pad_id is not None else 0
         )
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
         device = next(model.parameters()).device
         dtype = model.get_input_embeddings().weight.dtype
-        embeddings = tuple(image.embeddings.to(device=device, dtype=dtype) for image in images)
-        return {
-            **{key: value.to(device) for key, value in out.items()},
-            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=embeddings)},
-        }
+        embeddings = [image.embeddings.to(device=device, dtype=dtype) for image in images]
+        # mm_encoder_outputs where generate takes it (transformers >= 5.18), else inputs_embeds
+        inputs = generate_inputs(model, out["input_ids"], out["attention_mask"], embeddings)
+        return {**inputs, "position_ids": out["position_ids"].to(device)}
 
     # ------------------------------------------------------------------ attach
     @contextmanager

@@ -16,6 +16,8 @@ import tokenprune as tp
 from tokenprune.cli import main
 from tokenprune.tiny import save_tiny, tiny_llava, tiny_qwen2_5_vl, tiny_qwen2_vl
 
+pytestmark = pytest.mark.compat  # also run against every supported transformers (make test-compat)
+
 FAMILIES = {"qwen2_5_vl": tiny_qwen2_5_vl, "qwen2_vl": tiny_qwen2_vl}
 NEW_TOKENS = 4
 
