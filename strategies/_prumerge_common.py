@@ -2,31 +2,43 @@
 the key-neighbour merge (pure tensor code; not a registered strategy).
 
 Each selector module subclasses :class:`PruMergeBase` and supplies only its keep rule
-(``_keep_mask``), so neither imports the other's module.
+(``_keep_mask``, and ``_auto_kept`` / ``_fixed_counts`` where it differs), so neither imports
+the other's module.
+
+The whole batch is one pass over ``T`` rows (every partition of every image of the same
+partition size), padded to ``[T, N]`` with the valid mask: a fixed number of tensor ops,
+no loop over images, partitions or tokens. The only host read is the per-partition kept
+count of ``count="auto"`` (it sizes the outputs); ``count="budget"`` reads nothing.
 """
 
 from __future__ import annotations
 
-from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import torch
-from tokenprune.strategies._scores import reduce_heads
+from tokenprune.strategies._scores import BatchedSelector, reduce_heads
 
-from tokenprune.budget import check_budget_tensor, check_budget_values, host_split
 from tokenprune.contracts import (
     Layout,
     Needs,
     Selection,
-    Selector,
     Signals,
     finite_or_raise,
+    validating,
 )
 from tokenprune.errors import ConfigError, ContractError, SignalError
 
-__all__ = ["REFERENCE_OPTIONS", "PartitionScores", "PruMergeBase", "batch_outlier_ratio", "iqr_upper_fences", "outlier_counts"]
+__all__ = [
+    "REFERENCE_OPTIONS",
+    "PartitionRows",
+    "PruMergeBase",
+    "batch_outlier_ratio",
+    "iqr_upper_fences",
+    "outlier_counts",
+    "pooled_outlier_ratio",
+]
 
 #: The released code's options shared by ``prumerge@reference`` and ``prumerge_plus@reference``.
 REFERENCE_OPTIONS: dict[str, Any] = {
@@ -45,76 +57,113 @@ REFERENCE_OPTIONS: dict[str, Any] = {
 # --------------------------------------------------------------------------- IQR outliers
 
 
-
 def iqr_upper_fences(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Upper Tukey fence ``Q3 + 1.5 * IQR`` of each row's valid scores, float64 ``[P]``.
+    """Upper Tukey fence ``Q3 + 1.5 * IQR`` of each row's valid scores, float64 ``[R]``.
 
     Quartiles are linearly interpolated between order statistics (position ``q * (n - 1)``,
     NumPy's default ``percentile``), over the valid entries of each row only. A row with no
-    valid entry gets ``+inf`` (no outlier). Computed on the CPU in float64 (the rows are small,
-    and some accelerators have no float64).
+    valid entry gets ``+inf`` (no outlier). On the scores' device: one sort, one gather of
+    the four order statistics, the interpolation in float64 (devices without float64, such
+    as Apple MPS, are not supported here).
     """
-    valid = valid.cpu()
-    values = scores.detach().to("cpu", torch.float64).masked_fill(~valid, float("inf"))
-    ordered = values.sort(dim=1).values
+    valid = valid.to(scores.device)
+    ordered = scores.detach().masked_fill(~valid, float("inf")).sort(dim=1).values
     count = valid.sum(dim=1)
     last = (count - 1).clamp(min=0).double()
-
-    def quartile(share: float) -> torch.Tensor:
-        position = last * share
-        low = position.floor()
-        frac = position - low
-        low_index = low.long()[:, None]
-        high_index = position.ceil().long()[:, None]
-        below = ordered.gather(1, low_index).squeeze(1)
-        above = ordered.gather(1, high_index).squeeze(1)
-        return below + (above - below) * frac
-
-    q1, q3 = quartile(0.25), quartile(0.75)
+    positions = torch.stack([last * 0.25, last * 0.75], dim=1)  # Q1, Q3
+    low = positions.floor()
+    frac = positions - low
+    # Sorting before the float64 cast is exact: the cast is monotone and lossless.
+    ends = ordered.gather(1, torch.cat([low, positions.ceil()], dim=1).long()).double()
+    below, above = ends[:, :2], ends[:, 2:]
+    quartiles = below + (above - below) * frac
+    q1, q3 = quartiles[:, 0], quartiles[:, 1]
     # Where a row has no valid entry the quartiles are inf - inf = nan: no outlier there.
     fences = q3 + 1.5 * (q3 - q1)
-    return torch.where(count > 0, fences, torch.full_like(fences, float("inf")))
+    return torch.where(count > 0, fences, float("inf"))
 
 
 def outlier_counts(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Valid scores strictly above their row's upper IQR fence, int64 ``[P]`` on the CPU."""
+    """Valid scores strictly above their row's upper IQR fence, int64 ``[R]`` (scores' device)."""
+    valid = valid.to(scores.device)
     fences = iqr_upper_fences(scores, valid)
-    return ((scores.detach().to("cpu", torch.float64) > fences[:, None]) & valid.cpu()).sum(dim=1)
+    return ((scores.detach().double() > fences[:, None]) & valid).sum(dim=1)
+
+
+def pooled_outlier_ratio(scores: Sequence[torch.Tensor], valid: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Share of IQR outliers among ALL valid entries of ``scores`` pooled into one sample,
+    a float64 scalar on the device (0 when nothing is valid). No host read."""
+    flat = torch.cat([s.detach().reshape(-1) for s in scores]) if len(scores) > 1 else scores[0].detach().reshape(-1)
+    mask = torch.cat([v.reshape(-1) for v in valid]) if len(valid) > 1 else valid[0].reshape(-1)
+    mask = mask.to(flat.device)
+    outliers = outlier_counts(flat[None], mask[None])[0]
+    total = mask.sum()
+    return torch.where(total > 0, outliers.double() / total.clamp(min=1).double(), 0.0)
 
 
 def batch_outlier_ratio(rows: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """Share of IQR outliers among ALL valid scores of ``rows`` flattened into one sample.
 
     ``rows`` holds ``(scores [P, N], valid [P, N])`` per image. This is the released
-    PruMerge's ratio, which pools the whole batch (every partition of every image).
+    PruMerge's ratio, which pools the whole batch (every partition of every image). Reads
+    the ratio back (the selectors use :func:`pooled_outlier_ratio` on the device).
     """
-    pooled = torch.cat([scores.detach().to("cpu", torch.float64)[valid.cpu()] for scores, valid in rows])
-    if pooled.numel() == 0:
+    if not rows:
         return 0.0
-    flat = pooled[None, :]
-    outliers = int(outlier_counts(flat, torch.ones_like(flat, dtype=torch.bool))[0])
-    return outliers / pooled.numel()
+    return float(pooled_outlier_ratio([s.float() for s, _ in rows], [v for _, v in rows]))
 
 
 # --------------------------------------------------------------------------- base selector
 
 
-class PartitionScores(NamedTuple):
-    """One partition's inputs to a keep rule."""
+class PartitionRows(NamedTuple):
+    """Every partition of a batch as rows ``[T, N]``: the inputs to a keep rule."""
 
-    scores: torch.Tensor  # CLS attention, float32 [N]
-    valid: torch.Tensor  # bool [N]
-    attention_count: int  # attention-picked tokens (adaptive or fixed count)
-    ratio: float  # outlier share (or the fixed ratio)
+    scores: torch.Tensor  # CLS attention, float32 [T, N]
+    valid: torch.Tensor  # bool [T, N]
+    rank: torch.Tensor  # int64 [T, N]: place by descending attention (ties: lower index); padding last
+    capacity: torch.Tensor  # int64 [T]: valid tokens
+    attention_count: torch.Tensor  # int64 [T]: attention-picked tokens (adaptive or fixed count)
+    ratio: torch.Tensor  # float64 [T]: outlier share (or the fixed ratio)
     side: int  # tokens per grid side
 
 
+class _Group(NamedTuple):
+    """The images of one partition size, stacked as rows."""
+
+    members: list[int]  # image positions in the batch
+    partitions: list[int]  # partitions per member image
+    scores: torch.Tensor  # float32 [T, N]
+    valid: torch.Tensor  # bool [T, N]
+    capacity: torch.Tensor  # int64 [T]
+    caps: list[int]  # host capacity per row
+    budget: torch.Tensor  # int64 [T]
+    budgets: list[int]  # host budget per row
+    keys: torch.Tensor  # [T, N, Dk]
+    features: torch.Tensor  # [T, N, D]
+    side: int
+
+
+class _Plan(NamedTuple):
+    """Per row: tokens including the summary, the summary flag, tokens to keep, and kept."""
+
+    wanted: torch.Tensor  # int64 [T]
+    summarise: torch.Tensor  # bool [T]
+    kept: torch.Tensor  # int64 [T]: the keep rule's target
+    count: torch.Tensor  # int64 [T]: tokens it keeps (``reached``, else ``kept``)
+    reached: torch.Tensor | None  # set when the rule may fall short of ``kept``
+
+
+def _cat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(list(tensors)) if len(tensors) > 1 else tensors[0]
+
+
 @dataclass(frozen=True)
-class PruMergeBase(Selector):
+class PruMergeBase(BatchedSelector):
     """CLS-attention scores, counts and the key-neighbour merge of PruMerge and PruMerge+.
 
     The options are documented on :class:`~tokenprune.strategies.prumerge.PruMerge`; a
-    subclass decides which tokens of a partition are kept (``_keep_mask``).
+    subclass decides which tokens of each partition are kept (``_keep_mask``).
     """
 
     layer: int = -1
@@ -151,202 +200,248 @@ class PruMergeBase(Selector):
         )
         return Needs(**attention, keys={self.layer}, features=True)
 
-    # ----------------------------------------------------------------- entry points
-    def select(self, layout: Layout, signals: Signals, budgets: torch.Tensor) -> Selection:
-        return self.select_batch([layout], [signals], [budgets])[0]
-
-    def select_batch(
-        self, layouts: Sequence[Layout], signals: Sequence[Signals], budgets: Sequence[torch.Tensor]
+    # ----------------------------------------------------------------- entry point
+    def select_counted(
+        self,
+        layouts: Sequence[Layout],
+        signals: Sequence[Signals],
+        budgets: Sequence[torch.Tensor],
+        counts: Sequence[tuple[int, ...]],
     ) -> list[Selection]:
         """Per-image selections; with ``count="auto", iqr_scope="batch"`` the images share one
-        outlier ratio (every partition of every image pooled, as the released code does)."""
-        if not len(layouts) == len(signals) == len(budgets):
-            raise ContractError(f"{len(layouts)} layouts, {len(signals)} signals and {len(budgets)} budgets")
-        scored = [self._scores(layout, signal) for layout, signal in zip(layouts, signals)]
-        batch_ratio: float | None = None
+        outlier ratio (every partition of every image pooled, as the released code does).
+
+        Images are grouped by partition size (one group in practice); each group is one pass.
+        ``count="auto"`` reads the kept counts of all groups back in one transfer."""
+        if not len(layouts) == len(signals) == len(budgets) == len(counts):
+            raise ContractError(
+                f"{len(layouts)} layouts, {len(signals)} signals, {len(budgets)} budgets and {len(counts)} counts"
+            )
+        if not layouts:
+            return []
+        sizes: dict[int, list[int]] = {}
+        for image, layout in enumerate(layouts):
+            sizes.setdefault(layout.tokens_per_side, []).append(image)
+        groups = [self._group(members, layouts, signals, budgets, counts) for members in sizes.values()]
+        pooled = None
         if self.count == "auto" and self.iqr_scope == "batch":
-            batch_ratio = batch_outlier_ratio([(s, lay.valid) for s, lay in zip(scored, layouts)])
-        return [
-            self._select_image(layout, signal, score, budget, batch_ratio)
-            for layout, signal, score, budget in zip(layouts, signals, scored, budgets)
-        ]
+            pooled = pooled_outlier_ratio([g.scores for g in groups], [g.valid for g in groups])
+        rows = [self._rows(group, pooled) for group in groups]
+        plans = [self._plan(group, part) for group, part in zip(groups, rows)]
+        if self.count == "auto" or any(plan.reached is not None for plan in plans):
+            # The one host read: the counts size the outputs (only a rule that chooses its
+            # own count, or may fall short of it, needs them back).
+            flat = torch.stack([_cat([plan.wanted for plan in plans]), _cat([plan.count for plan in plans])]).tolist()
+            hosts, start = [], 0
+            for group in groups:
+                stop = start + len(group.caps)
+                hosts.append((flat[0][start:stop], flat[1][start:stop]))
+                start = stop
+        else:
+            hosts = [(group.budgets, None) for group in groups]
+        selections: list[Selection] = [None] * len(layouts)  # type: ignore[list-item]
+        for group, part, plan, (host_wanted, host_count) in zip(groups, rows, plans, hosts):
+            made = self._select_group(group, part, plan, host_wanted, host_count)
+            for image, selection in zip(group.members, made):
+                selections[image] = selection
+        return selections
 
     # ----------------------------------------------------------------- steps
-    def _scores(self, layout: Layout, signals: Signals) -> torch.Tensor:
-        """CLS attention per token, float32 ``[P, N]`` (also the merge weights)."""
-        signals.require(self.needs, who=f"selector {self.registry_name or type(self).__name__}")
-        if self.wide_head:
-            scores = signals.attention(self.layer, wide=True).float()[:, 0]
-        else:
-            scores = reduce_heads(signals.attention(self.layer), self.heads)
-        if tuple(scores.shape) != tuple(layout.valid.shape):
-            raise ContractError(
-                f"CLS attention has shape {tuple(scores.shape)}, the layout {tuple(layout.valid.shape)}"
-            )
-        if bool((scores < 0).any()):
+    def _group(
+        self,
+        members: list[int],
+        layouts: Sequence[Layout],
+        signals: Sequence[Signals],
+        budgets: Sequence[torch.Tensor],
+        counts: Sequence[tuple[int, ...]],
+    ) -> _Group:
+        """Stack the images ``members`` (all of one partition size) as rows."""
+        who = f"selector {self.registry_name or type(self).__name__}"
+        attention, keys, features = [], [], []
+        for image in members:
+            layout, signal = layouts[image], signals[image]
+            signal.require(self.needs, who=who)
+            rows = signal.attention(self.layer, wide=self.wide_head)
+            key, feature = signal.key(self.layer), signal.features
+            assert feature is not None  # signal.require checked it
+            shape = tuple(layout.valid.shape)
+            if (rows.shape[0], rows.shape[-1]) != shape or (self.wide_head and rows.shape[1] != 1):
+                raise ContractError(f"CLS attention has shape {tuple(rows.shape)}, the layout {shape}")
+            if tuple(key.shape[:2]) != shape or tuple(feature.shape[:2]) != shape:
+                raise ContractError(
+                    f"keys {tuple(key.shape)} and features {tuple(feature.shape)} must be [P, N, ...] "
+                    f"with [P, N] = {shape}"
+                )
+            attention.append(rows)
+            keys.append(key)
+            features.append(feature)
+        stacked = _cat(attention)
+        scores = stacked.float()[:, 0] if self.wide_head else reduce_heads(stacked, self.heads)
+        if validating() and bool((scores < 0).any()):
             raise SignalError(
                 f"CLS attention of layer {self.layer} has negative values; it must be softmax "
                 "probabilities (>= 0), which PruMerge uses as merge weights"
             )
-        return scores
-
-    def _attention_counts(
-        self, scores: torch.Tensor, valid: torch.Tensor, batch_ratio: float | None
-    ) -> tuple[list[int], list[float]]:
-        """Adaptive count of attention-picked tokens per partition and the outlier ratio."""
-        capacity = valid.sum(dim=1).tolist()
-        if batch_ratio is None:
-            outliers = outlier_counts(scores, valid).tolist()
-            ratios = [o / c if c else 0.0 for o, c in zip(outliers, capacity)]
-        else:
-            ratios = [batch_ratio] * len(capacity)
-            # The released count: int(N * ratio) in float arithmetic, N the partition's tokens.
-            outliers = [int(c * batch_ratio) for c in capacity]
-        counts = [min(max(o, self.min_tokens), c) for o, c in zip(outliers, capacity)]
-        return counts, ratios
-
-    def _auto_kept(self, part: PartitionScores) -> int:
-        """Tokens kept (summary excluded) by the adaptive count in one partition."""
-        return part.attention_count
-
-    def _fixed_counts(self, caps: list[int], budgets: list[int], tokens: int) -> tuple[list[int], list[float]]:
-        """Attention count and ratio per partition when the count is not adaptive (none by default)."""
-        return [0] * len(caps), [0.0] * len(caps)
-
-    @abstractmethod
-    def _keep_mask(self, part: PartitionScores, kept: int) -> torch.Tensor:
-        """bool ``[N]``: the ``kept`` tokens of one partition (nested in ``kept``)."""
-
-    def _select_image(
-        self,
-        layout: Layout,
-        signals: Signals,
-        scores: torch.Tensor,
-        budgets: torch.Tensor,
-        batch_ratio: float | None,
-    ) -> Selection:
         device = scores.device
-        valid = layout.valid.to(device)
-        who = f"selector {self.registry_name or type(self).__name__}"
-        check_budget_tensor(budgets, layout.num_partitions, who, int64=True)
-        features = signals.features
-        assert features is not None  # signals.require checked it
-        keys = signals.key(self.layer)
-        if keys.shape[:2] != valid.shape or features.shape[:2] != valid.shape:
-            raise ContractError(
-                f"keys {tuple(keys.shape)} and features {tuple(features.shape)} must be [P, N, ...] "
-                f"with [P, N] = {tuple(valid.shape)}"
+        valid = _cat([layouts[image].valid for image in members]).to(device)
+        return _Group(
+            members=members,
+            partitions=[layouts[image].num_partitions for image in members],
+            scores=scores,
+            valid=valid,
+            capacity=valid.sum(dim=1),
+            caps=[c for image in members for c in layouts[image].capacity_counts],
+            budget=_cat([budgets[image] for image in members]).to(device),
+            budgets=[b for image in members for b in counts[image]],
+            keys=_cat(keys),
+            features=_cat(features),
+            side=layouts[members[0]].tokens_per_side,
+        )
+
+    def _rows(self, group: _Group, pooled: torch.Tensor | None) -> PartitionRows:
+        """Attention ranks, attention counts and outlier ratios of every row."""
+        scores, valid, capacity = group.scores, group.valid, group.capacity
+        order = scores.masked_fill(~valid, float("-inf")).sort(dim=1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+        if self.count != "auto":
+            count, ratio = self._fixed_counts(group.capacity, group.valid.shape[1])
+        elif pooled is None:
+            outliers = outlier_counts(scores, valid)
+            ratio = torch.where(capacity > 0, outliers.double() / capacity.clamp(min=1).double(), 0.0)
+            count = outliers.clamp(min=self.min_tokens).minimum(capacity)
+        else:
+            ratio = pooled.expand(capacity.shape)
+            # The released count: int(N * ratio) in float arithmetic, N the partition's tokens.
+            count = (capacity.double() * pooled).floor().long().clamp(min=self.min_tokens).minimum(capacity)
+        return PartitionRows(scores, valid, rank, capacity, count, ratio, group.side)
+
+    def _plan(self, group: _Group, rows: PartitionRows) -> _Plan:
+        """Tokens per row including the summary (the budget, or the adaptive count within
+        it), the tokens to keep, and how many the keep rule reaches."""
+        wanted = group.budget
+        if self.count == "auto":
+            auto = self._auto_kept(rows)
+            with_summary = auto + (auto < rows.capacity).long() if self.summary else auto
+            wanted = torch.minimum(group.budget, with_summary)
+        if self.summary:
+            summarise = (wanted > 0) & (wanted < rows.capacity)
+        else:
+            summarise = torch.zeros_like(rows.valid[:, 0])
+        kept = wanted - summarise.long()
+        reached = self._reached(rows, kept)
+        return _Plan(wanted, summarise, kept, kept if reached is None else reached, reached)
+
+    def _auto_kept(self, rows: PartitionRows) -> torch.Tensor:
+        """Tokens kept (summary excluded) per row by the adaptive count."""
+        return rows.attention_count
+
+    def _fixed_counts(self, capacity: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention count and ratio per row when the count is not adaptive (none by default)."""
+        return torch.zeros_like(capacity), torch.zeros_like(capacity, dtype=torch.float64)
+
+    def _reached(self, rows: PartitionRows, kept: torch.Tensor) -> torch.Tensor | None:
+        """Tokens the keep rule yields per row when it may yield fewer than ``kept``
+        (``None``: always exactly ``kept``)."""
+        return None
+
+    def _keep_mask(self, rows: PartitionRows, kept: torch.Tensor) -> torch.Tensor:
+        """bool ``[T, N]``: the ``kept[t]`` tokens of each row (nested in ``kept``)."""
+        raise NotImplementedError
+
+    def _select_group(
+        self, group: _Group, rows: PartitionRows, plan: _Plan, host_wanted: list[int], host_count: list[int] | None
+    ) -> list[Selection]:
+        summarise = [self.summary and 0 < w < c for w, c in zip(host_wanted, group.caps)]
+        if host_count is None:
+            host_count = [w - s for w, s in zip(host_wanted, summarise)]
+        keep = self._keep_mask(rows, plan.kept)
+        indices = torch.nonzero_static(keep, size=sum(host_count))[:, 1].split(host_count)
+        merged = self._merge(group, rows, keep, plan, host_count, summarise)
+        out, start = [], 0
+        for parts in group.partitions:
+            stop = start + parts
+            out.append(
+                Selection(
+                    indices=indices[start:stop],
+                    features=merged[start:stop],
+                    extra_tokens=tuple(int(s) for s in summarise[start:stop]),
+                )
             )
-        caps = list(layout.capacity_counts)
-        wanted = list(host_split([budgets])[0])
-        check_budget_values(wanted, caps, who)
-        attention_counts, ratios = self._fixed_counts(caps, wanted, layout.tokens_per_partition)
-        if self.count == "auto":
-            attention_counts, ratios = self._attention_counts(scores, valid, batch_ratio)
-        parts = [
-            PartitionScores(scores[p], valid[p], attention_counts[p], ratios[p], layout.tokens_per_side)
-            for p in range(len(caps))
-        ]
-        if self.count == "auto":
-            for p, cap in enumerate(caps):
-                auto = self._auto_kept(parts[p])
-                with_summary = auto + 1 if self.summary and auto < cap else auto
-                wanted[p] = min(wanted[p], with_summary)
-        indices: list[torch.Tensor] = []
-        merged: list[torch.Tensor] = []
-        extra: list[int] = []
-        for p, (budget, cap) in enumerate(zip(wanted, caps)):
-            summarise = self.summary and 0 < budget < cap
-            kept = budget - 1 if summarise else budget
-            keep = self._keep_mask(parts[p], kept)
-            index = torch.nonzero(keep).flatten()
-            indices.append(index)
-            merged.append(self._merge(features[p], keys[p], scores[p], valid[p], keep, index, summarise))
-            extra.append(int(summarise))
-        return Selection(indices=tuple(indices), features=tuple(merged), extra_tokens=tuple(extra))
+            start = stop
+        return out
 
     def _merge(
         self,
-        features: torch.Tensor,
-        keys: torch.Tensor,
-        weights: torch.Tensor,
-        valid: torch.Tensor,
+        group: _Group,
+        rows: PartitionRows,
         keep: torch.Tensor,
-        index: torch.Tensor,
-        summarise: bool,
-    ) -> torch.Tensor:
-        """Merged kept tokens (``index`` order) then the summary token, ``[kept + summary, D]``.
+        plan: _Plan,
+        kept_host: list[int],
+        summarise_host: list[bool],
+    ) -> tuple[torch.Tensor, ...]:
+        """Per row, its merged kept tokens (ascending index order) then its summary token.
 
-        Every output row is a weighted sum of the partition's tokens; the weights form a
-        sparse ``[rows, N]`` matrix (``k + 1`` entries per kept token, the pruned tokens for
-        the summary), so one sparse matmul produces every row.
+        Every output row is a weighted sum of its partition's tokens: a dense weight tensor
+        ``[T, K + 1, N]`` (``K`` the most kept tokens of any row; row ``K`` the summary) and
+        one batched matmul produce them all; the live rows are then gathered.
         """
-        device = features.device
-        kept = int(index.numel())
-        rows = kept + int(summarise)
+        valid, weights, features = rows.valid, rows.scores, group.features
+        width = max(kept_host, default=0)
+        slots, tokens = valid.shape
+        # Kept token indices, ascending, padded with non-kept ones: [T, K].
+        index = keep.to(torch.uint8).sort(dim=1, descending=True, stable=True).indices[:, :width]
+        live = torch.arange(width, device=valid.device) < plan.count[:, None]
         pruned = valid & ~keep
-        row_ids: list[torch.Tensor] = []
-        col_ids: list[torch.Tensor] = []
-        values: list[torch.Tensor] = []
-        if kept:
-            rows_kept = torch.arange(kept, device=device)
-            neighbour_rows, neighbour_cols = self._neighbours(keys, valid, pruned, index)
-            row_ids += [neighbour_rows, rows_kept]
-            col_ids += [neighbour_cols, index]
-            self_weight = weights[index] if self.merge == "mean" else torch.ones(kept, device=device)
-            values += [weights[neighbour_cols], self_weight]
-        if summarise:
-            pruned_ids = torch.nonzero(pruned).flatten()
-            row_ids.append(torch.full_like(pruned_ids, kept))
-            col_ids.append(pruned_ids)
-            values.append(weights[pruned_ids])
-        if not rows:
-            return features.new_zeros(0, features.shape[-1])
-        row = torch.cat(row_ids)
-        value = torch.cat(values).float()
-        if self.merge == "mean":
-            total = torch.zeros(rows, device=device).index_add_(0, row, value)
-            size = torch.zeros(rows, device=device).index_add_(0, row, torch.ones_like(value))
-            # A cluster whose weights are all zero falls back to equal weights.
-            value = torch.where(
-                total[row] > 0, value / total[row].clamp(min=torch.finfo(torch.float32).tiny), 1.0 / size[row]
-            )
-        matrix = torch.sparse_coo_tensor(
-            torch.stack([row, torch.cat(col_ids)]), value, (rows, valid.numel()), check_invariants=False
+        members = self._neighbours(group.keys, valid, pruned, index)  # bool [T, K, N]
+        self_weight = weights.gather(1, index) if self.merge == "mean" else torch.ones_like(index, dtype=weights.dtype)
+        matrix = torch.cat(
+            [
+                (members * weights[:, None, :]).scatter_(2, index[:, :, None], self_weight[:, :, None]),
+                (weights * pruned)[:, None, :],
+            ],
+            dim=1,
         )
-        return torch.sparse.mm(matrix, features.float()).to(features.dtype)
+        if self.merge == "mean":
+            structure = torch.cat([members.scatter_(2, index[:, :, None], True), pruned[:, None, :]], dim=1)
+            total = matrix.sum(dim=2, keepdim=True)
+            size = structure.sum(dim=2, keepdim=True).clamp(min=1)
+            # A cluster whose weights are all zero falls back to equal weights.
+            matrix = torch.where(
+                total > 0, matrix / total.clamp(min=torch.finfo(torch.float32).tiny), structure / size
+            )
+        merged = torch.bmm(matrix, features.float())  # [T, K + 1, D]
+        wanted_rows = torch.cat([live, plan.summarise[:, None]], dim=1).reshape(-1)
+        sizes = [k + int(s) for k, s in zip(kept_host, summarise_host)]
+        picked = torch.nonzero_static(wanted_rows, size=sum(sizes))[:, 0]
+        return merged.reshape(-1, merged.shape[-1]).index_select(0, picked).to(features.dtype).split(sizes)
 
     def _neighbours(
         self, keys: torch.Tensor, valid: torch.Tensor, pruned: torch.Tensor, index: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(kept row, token) pairs: each kept token's ``k`` nearest candidates by key cosine.
+    ) -> torch.Tensor:
+        """bool ``[T, K, N]``: each kept token's ``k`` nearest candidates by key cosine.
 
-        ``k`` is clamped to the candidates; equal similarities go to the lower token index.
+        ``k`` is clamped to each partition's candidates; equal similarities go to the lower
+        token index (a stable sort; ``topk`` leaves the order among ties unspecified).
         """
+        slots, width = index.shape
+        members = torch.zeros(slots, width, valid.shape[1], dtype=torch.bool, device=valid.device)
+        if self.k == 0 or width == 0:
+            return members
         candidates = pruned if self.neighbours == "pruned" else valid
         own = 0 if self.neighbours == "pruned" else 1  # "all" counts each kept token itself
-        k = min(self.k, int(candidates.sum()) - own)
-        if k <= 0:
-            empty = torch.zeros(0, dtype=torch.long, device=index.device)
-            return empty, empty
-        # Against every token, masked after: cheaper on CPU than gathering the candidates'
-        # keys, which costs a fresh [C, Dk] buffer per partition.
-        keys = keys.float()
+        limit = (candidates.sum(dim=1) - own).clamp(min=0, max=self.k)
+        # Float64: float32 products are exact there and the sums round far below float32, so
+        # equal similarities tie exactly (lower index wins) whatever the matmul kernel or
+        # batch shape; in float32 the kernel's summation order would break such ties.
+        keys = keys.double()
         norms = keys.norm(dim=-1)
         # Signals does not screen keys (they are large); a NaN/inf key has a NaN/inf norm.
         finite_or_raise(norms, f"keys of layer {self.layer}")
         # A row's ranking does not depend on the kept token's own norm: divide columns only.
-        similarity = (keys.index_select(0, index) @ keys.T) / norms.clamp(min=1e-12)
-        similarity.masked_fill_(~candidates, float("-inf"))
-        similarity[torch.arange(index.numel(), device=index.device), index] = float("-inf")
-        # Exactly k per row: everything above the k-th largest value, then the lowest-index
-        # ties at that value (topk alone leaves the order among ties unspecified).
-        largest = torch.topk(similarity, k, dim=1, sorted=False).values
-        threshold = largest.min(dim=1, keepdim=True).values
-        row, column = torch.nonzero(similarity >= threshold, as_tuple=True)
-        if row.numel() != k * index.numel():  # more ties at the threshold than places left
-            missing = k - (largest > threshold).sum(dim=1, keepdim=True)
-            tied = similarity == threshold
-            chosen = (similarity > threshold) | (tied & (torch.cumsum(tied, dim=1) <= missing))
-            row, column = torch.nonzero(chosen, as_tuple=True)
-        return row, column
+        kept_keys = keys.gather(1, index[:, :, None].expand(-1, -1, keys.shape[2]))
+        similarity = (torch.bmm(kept_keys, keys.transpose(1, 2)) / norms.clamp(min=1e-12)[:, None, :]).float()
+        similarity.masked_fill_(~candidates[:, None, :], float("-inf"))
+        similarity.scatter_(2, index[:, :, None], float("-inf"))
+        nearest = similarity.sort(dim=2, descending=True, stable=True).indices[:, :, : min(self.k, valid.shape[1])]
+        chosen = torch.arange(nearest.shape[2], device=valid.device) < limit[:, None, None]
+        return members.scatter_(2, nearest, chosen.expand_as(nearest))

@@ -7,14 +7,12 @@ from dataclasses import dataclass
 import torch
 from tokenprune.strategies._prumerge_common import (
     REFERENCE_OPTIONS,
-    PartitionScores,
+    PartitionRows,
     PruMergeBase,
     batch_outlier_ratio,
     iqr_upper_fences,
     outlier_counts,
 )
-from tokenprune.strategies._scores import attention_order
-
 from tokenprune import register_preset, register_selector
 
 __all__ = ["PruMerge", "batch_outlier_ratio", "iqr_upper_fences", "outlier_counts"]
@@ -88,11 +86,9 @@ class PruMerge(PruMergeBase):
           adaptive count (the released code has no budget).
     """
 
-    def _keep_mask(self, part: PartitionScores, kept: int) -> torch.Tensor:
-        """The top ``kept`` tokens by CLS attention."""
-        keep = torch.zeros_like(part.valid)
-        keep[attention_order(part.scores, part.valid)[:kept]] = True
-        return keep
+    def _keep_mask(self, rows: PartitionRows, kept: torch.Tensor) -> torch.Tensor:
+        """The top ``kept[t]`` tokens of each row by CLS attention."""
+        return rows.rank < kept[:, None]
 
 
 register_preset(

@@ -10,14 +10,22 @@ from typing import Literal
 import torch
 from tokenprune.strategies._prumerge_common import (
     REFERENCE_OPTIONS,
-    PartitionScores,
+    PartitionRows,
     PruMergeBase,
 )
-from tokenprune.strategies._scores import attention_order
 
 from tokenprune import ConfigError, register_preset, register_selector
 
-__all__ = ["PruMergePlus", "attention_part", "bisection_order", "spatial_order", "stride_points"]
+__all__ = [
+    "PruMergePlus",
+    "attention_part",
+    "attention_parts",
+    "bisection_order",
+    "spatial_order",
+    "spatial_orders",
+    "stride_mask",
+    "stride_points",
+]
 
 # Float slack for the split rule, so that e.g. (1 - 0.7) * 10 counts as 3, not 3.0000000000000004.
 _SLACK = 1e-9
@@ -32,12 +40,10 @@ def attention_part(kept: int, spatial_share: float) -> int:
     return max(0, min(kept, math.ceil((1.0 - spatial_share) * kept - _SLACK)))
 
 
-@lru_cache(maxsize=256)
-def _bisection_ranks(length: int) -> tuple[int, ...]:
-    ranks = [0] * length
-    for rank, position in enumerate(bisection_order(length).tolist()):
-        ranks[position] = rank
-    return tuple(ranks)
+def attention_parts(kept: torch.Tensor, spatial_share: float) -> torch.Tensor:
+    """:func:`attention_part` of every entry of ``kept`` (int64), in float64 on its device."""
+    exact = kept.double()
+    return ((1.0 - spatial_share) * exact - _SLACK).ceil().clamp(min=0).minimum(exact).long()
 
 
 def bisection_order(length: int) -> torch.Tensor:
@@ -71,38 +77,66 @@ def bisection_order(length: int) -> torch.Tensor:
     return torch.cat(picked)
 
 
-def spatial_order(valid: torch.Tensor, side: int) -> torch.Tensor:
-    """Valid token indices of one partition in a coarse-to-fine 2-D order.
+@lru_cache(maxsize=64)
+def _bisection_rank_table(side: int) -> torch.Tensor:
+    """int64 ``[side + 1, side]``: row ``L`` holds each position's rank in ``bisection_order(L)``
+    (zero beyond ``L``); built once per side on the host."""
+    table = torch.zeros(side + 1, side, dtype=torch.long)
+    for length in range(1, side + 1):
+        table[length, bisection_order(length)] = torch.arange(length)
+    return table
 
-    Rows and columns of the valid region's bounding box are each ranked by
-    :func:`bisection_order`; a token's priority is ``max(row_rank / rows, col_rank / cols)``
-    (ranks counted from 1), then the smaller of the two, then raster order. So the first
-    ``r * c`` tokens at matching fractions form a ``r x c`` grid of spread rows and columns,
-    and in between, a new row or column fills coarse to fine. Prefixes are nested by
-    construction. Tokens outside the valid mask are skipped.
+
+def _axis_levels(used: torch.Tensor, side: int) -> torch.Tensor:
+    """float64 ``[R, side]``: ``(bisection rank + 1) / length`` of each line inside the span of
+    the used lines of each row of ``used`` (bool ``[R, side]``), ``inf`` outside it."""
+    positions = torch.arange(side, device=used.device)
+    first = torch.where(used, positions, side).amin(dim=1, keepdim=True)
+    end = torch.where(used, positions + 1, 0).amax(dim=1, keepdim=True)
+    length = (end - first).clamp(min=0)
+    offset = positions - first
+    inside = (offset >= 0) & (positions < end)
+    table = _bisection_rank_table(side).to(used.device)
+    rank = table[length, offset.clamp(min=0, max=side - 1)]
+    return torch.where(inside, (rank + 1).double() / length, float("inf"))
+
+
+def spatial_orders(valid: torch.Tensor, side: int) -> torch.Tensor:
+    """int64 ``[T, N]``: every row's token indices in a coarse-to-fine 2-D order (all rows at once).
+
+    Rows and columns of each row's valid bounding box are ranked by :func:`bisection_order`;
+    a token's priority is ``max(row_rank / rows, col_rank / cols)`` (ranks counted from 1),
+    then the smaller of the two, then raster order. So the first ``r * c`` tokens at
+    matching fractions form a ``r x c`` grid of spread rows and columns, and in between, a
+    new row or column fills coarse to fine. Tokens outside the box come last; padding
+    inside it is NOT skipped here (callers mask with ``valid``).
     """
-    count = int(valid.sum())
-    if count == 0:
-        return torch.zeros(0, dtype=torch.long, device=valid.device)
-    grid = valid.view(side, side)
-    rows_used = torch.nonzero(grid.any(dim=1)).flatten()
-    cols_used = torch.nonzero(grid.any(dim=0)).flatten()
-    top, bottom = int(rows_used[0]), int(rows_used[-1]) + 1
-    left, right = int(cols_used[0]), int(cols_used[-1]) + 1
-    height, width = bottom - top, right - left
-    row_rank = torch.full((side,), float("inf"), dtype=torch.float64)
-    col_rank = torch.full((side,), float("inf"), dtype=torch.float64)
-    row_rank[top:bottom] = (torch.tensor(_bisection_ranks(height), dtype=torch.float64) + 1) / height
-    col_rank[left:right] = (torch.tensor(_bisection_ranks(width), dtype=torch.float64) + 1) / width
-    row_level = row_rank[:, None].expand(side, side).flatten()
-    col_level = col_rank[None, :].expand(side, side).flatten()
-    primary = torch.maximum(row_level, col_level)
-    secondary = torch.minimum(row_level, col_level)
-    order = torch.arange(side * side)
-    order = order[torch.sort(secondary[order], stable=True).indices]
-    order = order[torch.sort(primary[order], stable=True).indices]
-    order = order.to(valid.device)
+    slots = valid.shape[0]
+    grid = valid.view(slots, side, side)
+    levels = _axis_levels(torch.cat([grid.any(dim=2), grid.any(dim=1)]), side)
+    rows, cols = levels[:slots, :, None], levels[slots:, None, :]
+    primary = torch.maximum(rows, cols).view(slots, side * side)
+    secondary = torch.minimum(rows, cols).view(slots, side * side)
+    by_secondary = secondary.sort(dim=1, stable=True).indices
+    by_primary = primary.gather(1, by_secondary).sort(dim=1, stable=True).indices
+    return by_secondary.gather(1, by_primary)
+
+
+def spatial_order(valid: torch.Tensor, side: int) -> torch.Tensor:
+    """Valid token indices of one partition in the coarse-to-fine 2-D order of
+    :func:`spatial_orders` (padding skipped). Prefixes are nested by construction."""
+    order = spatial_orders(valid[None], side)[0]
     return order[valid[order]]
+
+
+def stride_mask(ratio: torch.Tensor, tokens: int) -> torch.Tensor:
+    """bool ``[T, tokens]``: the raster indices of :func:`stride_points` for each ratio of ``ratio``."""
+    positions = torch.arange(tokens, device=ratio.device)
+    positive = ratio > 0
+    # The released stride in float64: int(int(1 / ratio) / 3), at least 1; ratio 0: infinite.
+    step = (1.0 / torch.where(positive, ratio, 1.0)).floor().div(3).floor().clamp(min=1)
+    stride = torch.where(positive, step, float(tokens)).long()
+    return (positions % stride[:, None] == 0) & (positions < tokens - 1)
 
 
 def stride_points(ratio: float, tokens: int) -> torch.Tensor:
@@ -112,11 +146,7 @@ def stride_points(ratio: float, tokens: int) -> torch.Tensor:
     released code crashes we take the limit instead: ``ratio = 0`` (division by zero) gives
     an infinite stride, i.e. index 0 only; ``s = 0`` (``ratio > 1/3``) gives stride 1.
     """
-    end = max(tokens - 1, 0)
-    if ratio <= 0:
-        return torch.arange(0, min(1, end))
-    stride = max(1, int(int(1 / ratio) / 3))
-    return torch.arange(0, end, stride)
+    return torch.nonzero(stride_mask(torch.tensor([float(ratio)], dtype=torch.float64), tokens)[0]).flatten()
 
 
 @register_selector("prumerge_plus")
@@ -192,54 +222,54 @@ class PruMergePlus(PruMergeBase):
                 f"spatial='stride' and count='budget', got spatial={self.spatial!r}, count={self.count!r}"
             )
 
-    def _fixed_counts(self, caps: list[int], budgets: list[int], tokens: int) -> tuple[list[int], list[float]]:
+    def _fixed_counts(self, capacity: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``spatial="stride"`` with ``count="budget"`` (the released ``if_adaptive=False``
         branch): the top ``int(N * ratio)`` attention tokens, then the stride of that ratio;
         ``ratio`` is ``fixed_ratio`` (required there by :meth:`check`)."""
         if self.spatial != "stride" or self.count != "budget":
-            return super()._fixed_counts(caps, budgets, tokens)
+            return super()._fixed_counts(capacity, tokens)
         assert self.fixed_ratio is not None
-        ratios = [self.fixed_ratio] * len(caps)
-        counts = [min(int(tokens * r), c) for r, c in zip(ratios, caps)]
-        return counts, ratios
+        ratio = torch.full(capacity.shape, self.fixed_ratio, dtype=torch.float64, device=capacity.device)
+        return capacity.clamp(max=int(tokens * self.fixed_ratio)), ratio
 
-    def _auto_kept(self, part: PartitionScores) -> int:
-        capacity = int(part.valid.sum())
-        attention_count = part.attention_count
+    def _auto_kept(self, rows: PartitionRows) -> torch.Tensor:
         if self.spatial == "stride":
-            return int(self._stride_extra(part).numel()) + attention_count
-        # The largest m whose attention part is the adaptive count.
-        kept = min(capacity, math.floor(attention_count / (1.0 - self.spatial_share) + _SLACK))
-        while kept < capacity and attention_part(kept + 1, self.spatial_share) <= attention_count:
-            kept += 1
-        while kept > 0 and attention_part(kept, self.spatial_share) > attention_count:
-            kept -= 1
-        return kept
+            return self._stride_extra(rows).sum(dim=1) + rows.attention_count
+        # The largest m (at most the capacity) whose attention part is the adaptive count.
+        tokens = rows.valid.shape[1]
+        candidates = torch.arange(tokens + 1, device=rows.valid.device)
+        fits = (attention_parts(candidates, self.spatial_share) <= rows.attention_count[:, None]) & (
+            candidates <= rows.capacity[:, None]
+        )
+        return fits.sum(dim=1) - 1  # attention_part is non-decreasing and m = 0 always fits
 
-    def _stride_extra(self, part: PartitionScores) -> torch.Tensor:
-        """Valid stride points not among the top ``attention_count`` tokens, ascending."""
-        valid = part.valid
-        points = stride_points(part.ratio, int(valid.numel())).to(valid.device)
-        taken = torch.zeros_like(valid)
-        taken[attention_order(part.scores, valid)[: part.attention_count]] = True
-        return points[valid[points] & ~taken[points]]
+    def _stride_extra(self, rows: PartitionRows) -> torch.Tensor:
+        """bool ``[T, N]``: valid stride points not among each row's top ``attention_count`` tokens."""
+        points = stride_mask(rows.ratio, rows.valid.shape[1])
+        return points & rows.valid & (rows.rank >= rows.attention_count[:, None])
 
-    def _keep_mask(self, part: PartitionScores, kept: int) -> torch.Tensor:
+    def _reached(self, rows: PartitionRows, kept: torch.Tensor) -> torch.Tensor | None:
+        """The stride may run out of points (``count="auto"`` when the summary slot becomes a
+        token, or a fixed ratio below the budget); the grid always reaches ``kept``."""
+        if self.spatial != "stride":
+            return None
+        picked = torch.minimum(kept, rows.attention_count)
+        return picked + torch.minimum(self._stride_extra(rows).sum(dim=1), kept - picked)
+
+    def _keep_mask(self, rows: PartitionRows, kept: torch.Tensor) -> torch.Tensor:
         """The attention part of ``kept`` by CLS attention, the rest spatial (grid or stride)."""
-        by_attention = attention_order(part.scores, part.valid)
-        keep = torch.zeros_like(part.valid)
         if self.spatial == "stride":
-            picked = min(kept, part.attention_count)
-            keep[by_attention[:picked]] = True
-            keep[self._stride_extra(part)[: kept - picked]] = True
-            return keep
-        picked = attention_part(kept, self.spatial_share)
-        keep[by_attention[:picked]] = True
-        order = spatial_order(part.valid, part.side)
-        free = ~keep[order]
+            picked = torch.minimum(kept, rows.attention_count)
+            extra = self._stride_extra(rows)
+            spatial = extra & (extra.cumsum(dim=1) <= (kept - picked)[:, None])
+            return (rows.rank < picked[:, None]) | spatial
+        picked = attention_parts(kept, self.spatial_share)
+        by_attention = rows.rank < picked[:, None]
+        order = spatial_orders(rows.valid, rows.side)
+        free = (rows.valid & ~by_attention).gather(1, order)
         # The first (kept - picked) spatial tokens that attention did not already take.
-        keep[order[free & (torch.cumsum(free, dim=0) <= kept - picked)]] = True
-        return keep
+        take = free & (free.cumsum(dim=1) <= (kept - picked)[:, None])
+        return by_attention | torch.zeros_like(take).scatter_(1, order, take)
 
 
 register_preset(
