@@ -80,10 +80,16 @@ class PruMerge(PruMergeBase):
         * Always (not restorable): kept tokens in spatial order (the released code emits
           them in descending attention); padding tokens never kept nor counted in the
           quartiles; ties to the lower index (``torch.topk`` leaves them unspecified); the
-          fence in float64, similarities in float32; ``k`` clamped to the candidates (the
+          fence and the key similarities in float64 (so equal similarities tie exactly;
+          the released float32 breaks them by rounding), rounded to float32 for ranking;
+          the merge in float32; ``k`` clamped to the candidates (the
           released ``topk(k=32)`` fails with 32 or fewer tokens); the summary token counts
           against the budget and is dropped when nothing is pruned; the budget caps the
           adaptive count (the released code has no budget).
+
+    Cost: the whole batch is one pass of tensor ops (every partition of every image as a
+    row); ``count="budget"`` reads nothing back, ``count="auto"`` reads the kept counts
+    once per batch. Float64 on the device is required (not on Apple MPS).
     """
 
     def _keep_mask(self, rows: PartitionRows, kept: torch.Tensor) -> torch.Tensor:

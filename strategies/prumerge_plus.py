@@ -172,7 +172,8 @@ class PruMergePlus(PruMergeBase):
 
     ``spatial="stride"`` (released): the ``c`` attention tokens, then the raster indices of
     :func:`stride_points` (stride ``int(int(1 / ratio) / 3)``, ``ratio`` the outlier share)
-    not already kept, in raster order; a budget truncates this list from its end. The stride
+    not already kept, in raster order; a budget truncates this list from its end (a list
+    shorter than the budget keeps fewer tokens: with a fixed ratio the pipeline then refuses it). The stride
     draws column stripes whenever it divides the grid side (e.g. stride 6 on a 24 x 24 grid
     keeps columns 0, 6, 12, 18 of every row). Its stride comes from the adaptive ratio
     (``count="auto"``), or from ``fixed_ratio`` with ``count="budget"``: the released
@@ -193,7 +194,8 @@ class PruMergePlus(PruMergeBase):
           instead of the adaptive count plus however many stride points fall outside it.
         * Not restorable: spatial tokens are never padding; the kept set is in spatial order
           (the released code emits attention tokens by descending score, then stride points);
-          the crashes are replaced by limits (see :func:`stride_points`); batches work per image.
+          the crashes are replaced by limits (see :func:`stride_points`); batches work (each
+          image its own stride points, one pass for the whole batch).
     """
 
     spatial: Literal["grid", "stride"] = "grid"

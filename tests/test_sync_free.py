@@ -91,3 +91,18 @@ def test_no_host_sync_on_cuda(images):
             pipe.apply(layout, signals)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("selector", ["prumerge", "prumerge_plus", "prumerge@reference", "prumerge_plus@reference"])
+def test_prumerge_reads_at_most_once_per_batch_and_batches(images, selector):
+    # issue 12: one pass over every partition of every image; only an adaptive count
+    # (the reference presets' IQR outliers) reads the kept counts back, once per batch.
+    pipe = tp.Pipeline(allocator="equal", selector=selector, budget=0.2)
+    layouts = [layout for layout, _ in images]
+    signals = [_signals(pipe, layout, seed) for layout, seed in images]
+    one = _count(pipe, layouts[:1], signals[:1])
+    batch = _count(pipe, layouts, signals)
+    allowed = 1 if pipe.adaptive else 0
+    assert one.reads <= allowed and batch.reads <= allowed, (one.read_names, batch.read_names)
+    assert batch.ops <= 2 * one.ops, (one.ops, batch.ops)  # was ~7x: a loop over partitions
+    assert one.ops <= (200 if selector.startswith("prumerge@") or selector == "prumerge" else 250)
