@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import inspect
 import threading
+import weakref
 from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -38,6 +39,7 @@ from tokenprune.contracts import BudgetAllocator, Layout, Selector, Signals
 from tokenprune.errors import ConfigError, IncompatibleError, TokenpruneError
 from tokenprune.tower import PrunedBatch, kept_features_batch, kept_rows, run_batch
 
+from . import _generate_inputs
 from ._generate_inputs import generate_inputs, image_features_output, processor_count_hooks, prompt_hook
 
 if TYPE_CHECKING:
@@ -51,6 +53,10 @@ _SCORERS: dict[str, Any] = {}
 #: ids of the processors and models an ``attach`` context currently wraps (one at a time each).
 _ATTACHED: set[int] = set()
 _ATTACH_LOCK = threading.Lock()
+#: The attention tap of each vision tower instance (built once: finding the blocks walks the tower).
+_TAPS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+#: ``generate_path`` per (model class, detector) (feature detection reads signatures: slow to repeat).
+_GENERATE_PATHS: dict[tuple[type, Any], Any] = {}
 #: :meth:`LlavaFamilyAdapter.order_keys` of an adapter whose LLM order is partition order.
 PARTITION_ORDER: Any = torch.empty(0, dtype=torch.int64)
 #: Sort keys of one image stay below this; image ``i``'s keys are offset by ``i`` times it.
@@ -209,7 +215,10 @@ class LlavaFamilyAdapter(VLMAdapter):
     def _tap(self, pipeline: Pipeline, model: Any) -> tuple[Any, Any]:
         from tokenprune.adapters.taps import check_needs, tap_for
 
-        tap = tap_for(self._tower(model))
+        tower = self._tower(model)
+        tap = _TAPS.get(tower)
+        if tap is None:  # one per tower instance (taps are stateless between captures)
+            tap = _TAPS[tower] = tap_for(tower)
         check_needs(tap, pipeline.allocator.needs, f"allocator {pipeline.part_label('allocator')}")
         check_needs(tap, pipeline.selector.needs, f"selector {pipeline.part_label('selector')}")
         needs = pipeline.needs
@@ -340,8 +349,8 @@ class LlavaFamilyAdapter(VLMAdapter):
             if any(key is not PARTITION_ORDER for key in keys):
                 # one sort of the whole batch: image-major keys, then the adapter's own order
                 table = torch.cat([_partition_keys(layout) if key is PARTITION_ORDER else key for key, layout in zip(keys, pruned.layouts)])  # type: ignore[misc]
-                image_of = torch.repeat_interleave(
-                    torch.arange(len(results)), torch.tensor([layout.num_partitions for layout in pruned.layouts])
+                image_of = torch.tensor(
+                    [image for image, layout in enumerate(pruned.layouts) for _ in range(layout.num_partitions)]
                 )
                 table = (table + image_of[:, None] * _IMAGE_KEY_STRIDE).to(part_index.device, non_blocking=True)
                 order = torch.argsort(table[part_index, token_index])
@@ -422,8 +431,14 @@ class LlavaFamilyAdapter(VLMAdapter):
         pruned = self.prune_pixels(
             pipeline, model, processor, inputs["pixel_values"], inputs.get("image_sizes"), prompts
         )
-        generate_kwargs = self.place(model, processor, texts, pruned, **tokenizer_kwargs)
-        lengths = generate_kwargs["attention_mask"].sum(dim=1).tolist()
+        if type(self).place is LlavaFamilyAdapter.place:  # prompt lengths from the host tokenization
+            input_ids, attention_mask, lengths = self._tokenize(model, processor, texts, pruned, **tokenizer_kwargs)
+            generate_kwargs = generate_inputs(
+                model, input_ids, attention_mask, [image.embeddings for image in pruned], _generate_path(model)
+            )
+        else:  # a subclass places the tokens its own way
+            generate_kwargs = self.place(model, processor, texts, pruned, **tokenizer_kwargs)
+            lengths = generate_kwargs["attention_mask"].sum(dim=1).tolist()
         pipeline.record_images(
             [
                 dataclasses.replace(image, stats=_with_prefill(image.stats, int(lengths[row])))
@@ -438,6 +453,14 @@ class LlavaFamilyAdapter(VLMAdapter):
     ) -> dict[str, Any]:
         """``input_ids`` with ``K`` image placeholders per image (left padding) and the
         projected embeddings (``mm_encoder_outputs`` or ``inputs_embeds``: ``._generate_inputs``)."""
+        input_ids, attention_mask, _ = self._tokenize(model, processor, texts, images, **tokenizer_kwargs)
+        return generate_inputs(model, input_ids, attention_mask, [image.embeddings for image in images], _generate_path(model))
+
+    def _tokenize(
+        self, model: Any, processor: Any, texts: list[str], images: Sequence[ImageTokens], **tokenizer_kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Host ``input_ids`` and ``attention_mask`` with ``K`` placeholders per image, and
+        each prompt's length (from the fast tokenizer's encodings: no tensor read)."""
         image_token = processor.image_token
         counts = [t.count(image_token) for t in texts]
         expanded = _expand_placeholders(processor, texts, [image_token * image.embeddings.shape[0] for image in images])
@@ -460,7 +483,12 @@ class LlavaFamilyAdapter(VLMAdapter):
                 f"the tokenizer produced {placeholders.tolist()} image placeholders per text, expected "
                 f"{expected.tolist()}: the image token {image_token!r} must be a single special token"
             )
-        return generate_inputs(model, input_ids, attention_mask, [image.embeddings for image in images])
+        encodings = getattr(tokenized, "encodings", None)
+        if encodings and len(encodings) == len(texts):
+            lengths = [sum(encoding.attention_mask) for encoding in encodings]
+        else:  # a slow tokenizer: read the (host) mask
+            lengths = [int(length) for length in attention_mask.sum(dim=1).tolist()]
+        return input_ids, attention_mask, lengths
 
     # ------------------------------------------------------------------ attach
     @contextmanager
@@ -625,6 +653,19 @@ def _expand_placeholders(processor: Any, texts: list[str], replacements: list[st
     token = processor.image_token
     queue = iter(replacements)
     return ["".join(part + (next(queue) if i < t.count(token) else "") for i, part in enumerate(t.split(token))) for t in texts]
+
+
+def _generate_path(model: Any) -> Any:
+    """:func:`generate_path` of ``model``, detected once per model class (unless the
+    instance overrides the methods it inspects)."""
+    detect = _generate_inputs.generate_path
+    if any(name in vars(model) for name in ("forward", "prepare_inputs_for_generation")):
+        return detect(model)
+    key = (type(model), detect)
+    path = _GENERATE_PATHS.get(key)
+    if path is None:
+        path = _GENERATE_PATHS[key] = detect(model)
+    return path
 
 
 @functools.lru_cache(maxsize=256)

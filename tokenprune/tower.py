@@ -20,6 +20,7 @@ the default "each layout consumes its partitions' consecutive crops".
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -116,8 +117,9 @@ def kept_rows(batch: PrunedBatch, images: Sequence[int] | None = None) -> tuple[
     ``batch.features``: partition and token indices ``[T]`` each, in partition order, on
     the features' device, and the count per partition (host ints).
 
-    Built without host reads: the indices are one ``cat`` of the selections' tensors, the
-    partitions one ``repeat_interleave`` of host counts (sizes only)."""
+    Built without host reads: the token indices are one ``cat`` of the selections'
+    tensors; the partition of each is found on the host from the counts (sizes only, a
+    ``searchsorted`` of their running sums) and copied to the device once."""
     assert batch.features is not None
     device = batch.features.device
     chosen = range(len(batch.results)) if images is None else images
@@ -134,7 +136,9 @@ def kept_rows(batch: PrunedBatch, images: Sequence[int] | None = None) -> tuple[
         empty = torch.empty(0, dtype=torch.int64, device=device)
         return empty, empty, counts
     token_index = torch.cat(tokens).to(device) if len(tokens) > 1 else tokens[0].to(device)
-    part_index = torch.repeat_interleave(torch.tensor(parts), torch.tensor(counts), output_size=total)
+    ends = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int64)
+    owner = torch.searchsorted(ends, torch.arange(total, dtype=torch.int64), right=True)
+    part_index = torch.tensor(parts, dtype=torch.int64)[owner]
     return part_index.to(device, non_blocking=True), token_index, counts
 
 
