@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import inspect
 import threading
+import weakref
 from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -36,14 +37,15 @@ import torch
 from tokenprune.adapter import ImageTokens, OrderedTokens, VLMAdapter
 from tokenprune.contracts import BudgetAllocator, Layout, Selector, Signals
 from tokenprune.errors import ConfigError, IncompatibleError, TokenpruneError
-from tokenprune.tower import prune_batch
+from tokenprune.tower import PrunedBatch, kept_features_batch, kept_rows, run_batch
 
+from . import _generate_inputs
 from ._generate_inputs import generate_inputs, image_features_output, processor_count_hooks, prompt_hook
 
 if TYPE_CHECKING:
     from tokenprune.pipeline import Pipeline
 
-__all__ = ["ImageTokens", "LlavaFamilyAdapter", "LlavaImageStats"]
+__all__ = ["ImageTokens", "LlavaFamilyAdapter", "LlavaImageStats", "PARTITION_ORDER"]
 
 _MISSING = object()
 #: Relevance scorers loaded from spec strings, shared by every adapter instance.
@@ -51,6 +53,14 @@ _SCORERS: dict[str, Any] = {}
 #: ids of the processors and models an ``attach`` context currently wraps (one at a time each).
 _ATTACHED: set[int] = set()
 _ATTACH_LOCK = threading.Lock()
+#: The attention tap of each vision tower instance (built once: finding the blocks walks the tower).
+_TAPS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+#: ``generate_path`` per (model class, detector) (feature detection reads signatures: slow to repeat).
+_GENERATE_PATHS: dict[tuple[type, Any], Any] = {}
+#: :meth:`LlavaFamilyAdapter.order_keys` of an adapter whose LLM order is partition order.
+PARTITION_ORDER: Any = torch.empty(0, dtype=torch.int64)
+#: Sort keys of one image stay below this; image ``i``'s keys are offset by ``i`` times it.
+_IMAGE_KEY_STRIDE = 1 << 40
 #: The old private name of :class:`tokenprune.OrderedTokens`.
 _Ordered = OrderedTokens
 
@@ -205,7 +215,10 @@ class LlavaFamilyAdapter(VLMAdapter):
     def _tap(self, pipeline: Pipeline, model: Any) -> tuple[Any, Any]:
         from tokenprune.adapters.taps import check_needs, tap_for
 
-        tap = tap_for(self._tower(model))
+        tower = self._tower(model)
+        tap = _TAPS.get(tower)
+        if tap is None:  # one per tower instance (taps are stateless between captures)
+            tap = _TAPS[tower] = tap_for(tower)
         check_needs(tap, pipeline.allocator.needs, f"allocator {pipeline.part_label('allocator')}")
         check_needs(tap, pipeline.selector.needs, f"selector {pipeline.part_label('selector')}")
         needs = pipeline.needs
@@ -247,6 +260,14 @@ class LlavaFamilyAdapter(VLMAdapter):
         return scorer
 
     # ------------------------------------------------------------------ pruning
+    def order_keys(self, layout: Layout, geometry: Any) -> torch.Tensor | None:
+        """int64 ``[P, N]`` host sort keys, unique per image, such that an image's kept
+        tokens read in ascending key order are :meth:`order_tokens`' order (for selections
+        without merged tokens, no newline tokens); :data:`PARTITION_ORDER` when partition
+        order already is (LLaVA-1.5); ``None`` (the default): no batched ordering, each
+        image goes through :meth:`order_tokens`."""
+        return None
+
     def prune_pixels(
         self,
         pipeline: Pipeline,
@@ -256,7 +277,8 @@ class LlavaFamilyAdapter(VLMAdapter):
         image_sizes: Any,
         prompts: Sequence[str | None],
     ) -> list[ImageTokens]:
-        """Tower once (with the tap), allocate, select, order and project, per image."""
+        """Tower once (with the tap), allocate and select the batch, then order, gather and
+        project the kept tokens of every image together (one index, one projector call)."""
         crops, layouts, geometries = self._crops_and_layouts(model, processor, pixel_values, image_sizes)
         if len(prompts) != len(layouts):
             raise ConfigError(
@@ -266,24 +288,33 @@ class LlavaFamilyAdapter(VLMAdapter):
         tap, needs = self._tap(pipeline, model)
         tower = tap.tower
         parameter = next(tower.parameters())
-        batch = torch.cat(crops).to(device=parameter.device, dtype=parameter.dtype)
+        batch = (torch.cat(crops) if len(crops) > 1 else crops[0]).to(device=parameter.device, dtype=parameter.dtype)
 
         def forward() -> None:
             with torch.inference_mode():
                 tower(batch)
 
         annotate = self._relevance_hook(processor, tap, batch, crops, prompts) if needs.relevance else None
-        pruned = prune_batch(
-            pipeline, tap, forward, layouts, feature_layer=model.config.vision_feature_layer, needs=needs, annotate=annotate
+        pruned = run_batch(
+            pipeline,
+            tap,
+            forward,
+            layouts,
+            feature_layer=model.config.vision_feature_layer,
+            needs=needs,
+            annotate_batch=annotate,
         )
-        newline = self._newline_embedding(model)
+        tokens, counts, newlines = self._ordered_tokens(pruned, geometries)
+        embeddings = self.project(model, tokens).split(counts)
+        newline = self._newline_embedding(model) if any(n is not None and n.numel() for n in newlines) else None
         images = []
-        for image, geometry in zip(pruned, geometries):
-            layout, stats = image.layout, image.result.stats
-            ordered = self.order_tokens(layout, geometry, image.selection, image.kept)
-            embeddings = self.project(model, ordered.tokens)
-            if ordered.newline_after.numel():
-                embeddings = _insert_rows(embeddings, ordered.newline_after, newline)
+        for index, (layout, result, geometry) in enumerate(zip(pruned.layouts, pruned.results, geometries)):
+            image_embeddings, after = embeddings[index], newlines[index]
+            newline_tokens = 0
+            if after is not None and after.numel():
+                image_embeddings = _insert_rows(image_embeddings, after, newline)
+                newline_tokens = int(after.numel())
+            stats = result.stats
             image_stats = LlavaImageStats(
                 image_size=layout.image_size,
                 partitions=stats.partitions,
@@ -292,30 +323,75 @@ class LlavaFamilyAdapter(VLMAdapter):
                 budget=stats.budget,
                 allocated=stats.allocated,
                 kept=stats.kept,
-                newline_tokens=int(ordered.newline_after.numel()),
-                image_tokens=int(embeddings.shape[0]),
+                newline_tokens=newline_tokens,
+                image_tokens=int(image_embeddings.shape[0]),
             )
-            images.append(ImageTokens(embeddings, layout, image.selection, image_stats, geometry))
+            images.append(ImageTokens(image_embeddings, layout, result.selection, image_stats, geometry))
         return images
+
+    def _ordered_tokens(
+        self, pruned: PrunedBatch, geometries: Sequence[Any]
+    ) -> tuple[torch.Tensor, list[int], list[torch.Tensor | None]]:
+        """Every image's kept tokens in LLM order, concatenated ``[T, D]``; tokens per image;
+        per image, where newline rows go (``None``: none)."""
+        results = pruned.results
+        keys = [self.order_keys(layout, geometry) for layout, geometry in zip(pruned.layouts, geometries)]
+        batched = (
+            pruned.features is not None
+            and getattr(self, "newline", "none") == "none"
+            and all(key is not None for key in keys)
+            and all(result.selection.features is None for result in results)
+        )
+        if batched:
+            assert pruned.features is not None
+            part_index, token_index, part_counts = kept_rows(pruned)
+            counts = [sum(result.stats.kept) for result in results]
+            if any(key is not PARTITION_ORDER for key in keys):
+                # one sort of the whole batch: image-major keys, then the adapter's own order
+                table = torch.cat([_partition_keys(layout) if key is PARTITION_ORDER else key for key, layout in zip(keys, pruned.layouts)])  # type: ignore[misc]
+                image_of = torch.tensor(
+                    [image for image, layout in enumerate(pruned.layouts) for _ in range(layout.num_partitions)]
+                )
+                table = (table + image_of[:, None] * _IMAGE_KEY_STRIDE).to(part_index.device, non_blocking=True)
+                order = torch.argsort(table[part_index, token_index])
+                part_index, token_index = part_index[order], token_index[order]
+            return pruned.features[part_index, token_index], counts, [None] * len(results)
+        ordered = [
+            self.order_tokens(layout, geometry, result.selection, kept)
+            for layout, geometry, result, kept in zip(pruned.layouts, geometries, results, kept_features_batch(pruned))
+        ]
+        tokens = torch.cat([o.tokens for o in ordered]) if len(ordered) > 1 else ordered[0].tokens
+        return tokens, [int(o.tokens.shape[0]) for o in ordered], [o.newline_after for o in ordered]
 
     def _relevance_hook(
         self, processor: Any, tap: Any, batch: torch.Tensor, crops: list[torch.Tensor], prompts: Sequence[str | None]
     ) -> Any:
-        """Per image: its crops' prompt relevance from the scorer (reusing the tower's CLS)."""
+        """The batch's prompt relevance from the scorer in ONE call (``score_batch``: one
+        text-encoder forward for the prompts it has not cached, one head pass), reusing the
+        tower's last-layer CLS when the scorer asked the tap for it."""
         scorer = self._scorer()
         image_mean, image_std = self._pixel_stats(processor)
-        starts = torch.tensor([0] + [crop.shape[0] for crop in crops]).cumsum(0).tolist()
+        counts = [int(crop.shape[0]) for crop in crops]
+        last = tap.num_layers - 1
 
-        def annotate(index: int, signals: Signals) -> Signals:
-            relevance = scorer.score(
-                batch[starts[index] : starts[index + 1]],
-                prompts[index] or "",
+        def annotate(per_image: list[Signals]) -> list[Signals]:
+            cls = [signals.cls_embedding.get(last) for signals in per_image]
+            tower_cls = None
+            if all(c is not None for c in cls):
+                tower_cls = torch.cat(cls) if len(cls) > 1 else cls[0]  # type: ignore[arg-type]
+            scores = scorer.score_batch(
+                batch,
+                [prompt or "" for prompt in prompts],
+                counts,
                 pixel_mean=image_mean,
                 pixel_std=image_std,
                 tower=tap.tower,
-                tower_cls=signals.cls_embedding.get(tap.num_layers - 1),
+                tower_cls=tower_cls,
             )
-            return dataclasses.replace(signals, relevance=relevance.to(torch.float32), prompt=prompts[index])
+            return [
+                dataclasses.replace(signals, relevance=relevance.to(torch.float32), prompt=prompt)
+                for signals, relevance, prompt in zip(per_image, scores, prompts)
+            ]
 
         return annotate
 
@@ -355,8 +431,14 @@ class LlavaFamilyAdapter(VLMAdapter):
         pruned = self.prune_pixels(
             pipeline, model, processor, inputs["pixel_values"], inputs.get("image_sizes"), prompts
         )
-        generate_kwargs = self.place(model, processor, texts, pruned, **tokenizer_kwargs)
-        lengths = generate_kwargs["attention_mask"].sum(dim=1).tolist()
+        if type(self).place is LlavaFamilyAdapter.place:  # prompt lengths from the host tokenization
+            input_ids, attention_mask, lengths = self._tokenize(model, processor, texts, pruned, **tokenizer_kwargs)
+            generate_kwargs = generate_inputs(
+                model, input_ids, attention_mask, [image.embeddings for image in pruned], _generate_path(model)
+            )
+        else:  # a subclass places the tokens its own way
+            generate_kwargs = self.place(model, processor, texts, pruned, **tokenizer_kwargs)
+            lengths = generate_kwargs["attention_mask"].sum(dim=1).tolist()
         pipeline.record_images(
             [
                 dataclasses.replace(image, stats=_with_prefill(image.stats, int(lengths[row])))
@@ -371,6 +453,14 @@ class LlavaFamilyAdapter(VLMAdapter):
     ) -> dict[str, Any]:
         """``input_ids`` with ``K`` image placeholders per image (left padding) and the
         projected embeddings (``mm_encoder_outputs`` or ``inputs_embeds``: ``._generate_inputs``)."""
+        input_ids, attention_mask, _ = self._tokenize(model, processor, texts, images, **tokenizer_kwargs)
+        return generate_inputs(model, input_ids, attention_mask, [image.embeddings for image in images], _generate_path(model))
+
+    def _tokenize(
+        self, model: Any, processor: Any, texts: list[str], images: Sequence[ImageTokens], **tokenizer_kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Host ``input_ids`` and ``attention_mask`` with ``K`` placeholders per image, and
+        each prompt's length (from the fast tokenizer's encodings: no tensor read)."""
         image_token = processor.image_token
         counts = [t.count(image_token) for t in texts]
         expanded = _expand_placeholders(processor, texts, [image_token * image.embeddings.shape[0] for image in images])
@@ -393,7 +483,12 @@ class LlavaFamilyAdapter(VLMAdapter):
                 f"the tokenizer produced {placeholders.tolist()} image placeholders per text, expected "
                 f"{expected.tolist()}: the image token {image_token!r} must be a single special token"
             )
-        return generate_inputs(model, input_ids, attention_mask, [image.embeddings for image in images])
+        encodings = getattr(tokenized, "encodings", None)
+        if encodings and len(encodings) == len(texts):
+            lengths = [sum(encoding.attention_mask) for encoding in encodings]
+        else:  # a slow tokenizer: read the (host) mask
+            lengths = [int(length) for length in attention_mask.sum(dim=1).tolist()]
+        return input_ids, attention_mask, lengths
 
     # ------------------------------------------------------------------ attach
     @contextmanager
@@ -558,6 +653,29 @@ def _expand_placeholders(processor: Any, texts: list[str], replacements: list[st
     token = processor.image_token
     queue = iter(replacements)
     return ["".join(part + (next(queue) if i < t.count(token) else "") for i, part in enumerate(t.split(token))) for t in texts]
+
+
+def _generate_path(model: Any) -> Any:
+    """:func:`generate_path` of ``model``, detected once per model class (unless the
+    instance overrides the methods it inspects)."""
+    detect = _generate_inputs.generate_path
+    if any(name in vars(model) for name in ("forward", "prepare_inputs_for_generation")):
+        return detect(model)
+    key = (type(model), detect)
+    path = _GENERATE_PATHS.get(key)
+    if path is None:
+        path = _GENERATE_PATHS[key] = detect(model)
+    return path
+
+
+@functools.lru_cache(maxsize=256)
+def _partition_key_table(partitions: int, tokens: int) -> torch.Tensor:
+    return torch.arange(partitions * tokens, dtype=torch.int64).view(partitions, tokens)
+
+
+def _partition_keys(layout: Layout) -> torch.Tensor:
+    """Sort keys that keep partition order (partition-major, then token index)."""
+    return _partition_key_table(layout.num_partitions, layout.tokens_per_partition)
 
 
 def _images_of(pruned: Sequence[ImageTokens], counts: list[int], row: int) -> list[ImageTokens]:

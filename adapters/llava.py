@@ -7,6 +7,7 @@ Both run ``LlavaForConditionalGeneration``. The image is one square crop; its to
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from tokenprune.contracts import Layout, Partitioner, Selection
 from tokenprune.errors import ConfigError, IncompatibleError
 from tokenprune.registry import register_adapter
 
-from ._llava_family import LlavaFamilyAdapter
+from ._llava_family import PARTITION_ORDER, LlavaFamilyAdapter
 
 __all__ = ["LlavaAdapter", "ShareGPT4VAdapter", "SingleCropPartitioner"]
 
@@ -51,9 +52,15 @@ class SingleCropPartitioner(Partitioner):
     tokens_per_side: int
 
     def layout(self, image_size: tuple[int, int] | None) -> Layout:
-        base = Layout.single(self.tokens_per_side)
+        """Cached per side and image size (a Layout is immutable; its tensors are shared)."""
         size = tuple(int(v) for v in image_size) if image_size is not None else None
-        return Layout(self.tokens_per_side, (0, 0), False, base.valid, None, size)  # type: ignore[arg-type]
+        return _single_layout(self.tokens_per_side, size)  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=1024)
+def _single_layout(tokens_per_side: int, size: tuple[int, int] | None) -> Layout:
+    base = Layout.single(tokens_per_side)
+    return Layout(tokens_per_side, (0, 0), False, base.valid, None, size)
 
 
 @register_adapter("llava")
@@ -116,6 +123,9 @@ class LlavaAdapter(LlavaFamilyAdapter):
 
     def partitioner(self, model: Any, processor: Any = None) -> SingleCropPartitioner:
         return SingleCropPartitioner(_tokens_per_side(model))
+
+    def order_keys(self, layout: Layout, geometry: Any) -> torch.Tensor | None:
+        return PARTITION_ORDER  # one partition, kept tokens in raster order
 
     def order_tokens(
         self, layout: Layout, geometry: Any, selection: Selection, kept: Sequence[torch.Tensor]

@@ -22,6 +22,7 @@ Newline tokens (``newline``):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -34,7 +35,7 @@ from tokenprune.errors import ConfigError
 from tokenprune.registry import register_adapter
 
 from ._llava_family import LlavaFamilyAdapter
-from .llava_next_partitioner import AnyresGeometry, LlavaNextPartitioner
+from .llava_next_partitioner import AnyresGeometry, LlavaNextPartitioner, tile_canvas_index
 
 __all__ = ["LlavaNextAdapter"]
 
@@ -104,6 +105,12 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
         layouts = [partitioner.layout(size) for size in sizes]
         return crops, layouts, geometries
 
+    def order_keys(self, layout: Layout, geometry: Any) -> torch.Tensor | None:
+        """The thumbnail's tokens first (raster order), then the tiles' by their raster
+        position on the stitched canvas (what :meth:`order_tokens` does), as sort keys."""
+        assert isinstance(geometry, AnyresGeometry)
+        return _canvas_keys(*geometry.tiles, geometry.tokens_per_side)
+
     def order_tokens(
         self, layout: Layout, geometry: Any, selection: Selection, kept: Sequence[torch.Tensor]
     ) -> OrderedTokens:
@@ -147,3 +154,12 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
         size = tuple(int(v) for v in (size.tolist() if hasattr(size, "tolist") else size))
         partitioner = self.partitioner(model)
         return partitioner.layout(size), partitioner.geometry(size)
+
+
+@functools.lru_cache(maxsize=64)
+def _canvas_keys(rows: int, cols: int, tokens_per_side: int) -> torch.Tensor:
+    """int64 ``[1 + rows * cols, N]``: thumbnail token ``t`` -> ``t``; tile token -> ``N`` +
+    its raster index on the stitched canvas."""
+    n = tokens_per_side * tokens_per_side
+    thumbnail = torch.arange(n, dtype=torch.int64)[None]
+    return torch.cat([thumbnail, n + tile_canvas_index(rows, cols, tokens_per_side)])

@@ -25,6 +25,7 @@ attributes of the objects it is given.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -393,8 +394,11 @@ class LlavaNextPartitioner(Partitioner):
         return self.crop_size // self.patch_size
 
     def geometry(self, image_size: Any) -> AnyresGeometry:
-        """The processor's and the model's cut of an image of ``(height, width)`` pixels."""
-        size = _image_size(image_size)
+        """The processor's and the model's cut of an image of ``(height, width)`` pixels
+        (cached per partitioner and image size: a dataset repeats its sizes)."""
+        return _cached_geometry(self, _image_size(image_size))
+
+    def _geometry(self, size: tuple[int, int]) -> AnyresGeometry:
         best = select_best_resolution(size, self.grid_pinpoints)
         tiles = (best[0] // self.crop_size, best[1] // self.crop_size)
         resized = resized_size(size, best)
@@ -426,8 +430,14 @@ class LlavaNextPartitioner(Partitioner):
         return shares.reshape(rows * cols, side * side).to(torch.float32)
 
     def layout(self, image_size: tuple[int, int]) -> Layout:
-        """Thumbnail first, then tiles row-major; ``valid`` is what the model's unpad keeps."""
-        geometry = self.geometry(image_size)
+        """Thumbnail first, then tiles row-major; ``valid`` is what the model's unpad keeps.
+
+        Cached per partitioner and image size (a Layout is immutable; its tensors are shared
+        by every image of that size: read them, never write to them)."""
+        return _cached_layout(self, _image_size(image_size))
+
+    def _layout(self, size: tuple[int, int]) -> Layout:
+        geometry = self.geometry(size)
         side = self.tokens_per_side
         thumbnail = torch.ones(1, side * side, dtype=torch.bool)
         return Layout(
@@ -442,6 +452,20 @@ class LlavaNextPartitioner(Partitioner):
     def num_image_tokens(self, image_size: Any, *, newline: bool = True) -> int:
         """Image tokens of the unpruned model for this image (the processor's count)."""
         return self.geometry(image_size).num_image_tokens(newline=newline)
+
+
+#: Image sizes whose geometry and Layout are kept per partitioner (least recently used dropped).
+LAYOUT_CACHE_SIZE = 1024
+
+
+@functools.lru_cache(maxsize=LAYOUT_CACHE_SIZE)
+def _cached_geometry(partitioner: LlavaNextPartitioner, size: tuple[int, int]) -> AnyresGeometry:
+    return partitioner._geometry(size)
+
+
+@functools.lru_cache(maxsize=LAYOUT_CACHE_SIZE)
+def _cached_layout(partitioner: LlavaNextPartitioner, size: tuple[int, int]) -> Layout:
+    return partitioner._layout(size)
 
 
 def _size_pair(size: Any) -> tuple[int, int] | None:

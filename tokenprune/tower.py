@@ -20,6 +20,7 @@ the default "each layout consumes its partitions' consecutive crops".
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,7 +33,16 @@ from .errors import ContractError, TokenpruneError
 if TYPE_CHECKING:
     from .pipeline import Pipeline, PruneResult
 
-__all__ = ["PrunedImage", "kept_features", "prune_batch", "split_by_layouts"]
+__all__ = [
+    "PrunedBatch",
+    "PrunedImage",
+    "kept_features",
+    "kept_features_batch",
+    "kept_rows",
+    "prune_batch",
+    "run_batch",
+    "split_by_layouts",
+]
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,6 +92,77 @@ def kept_features(features: torch.Tensor | None, selection: Selection) -> tuple[
     return tuple(features[p, idx.to(features.device)] for p, idx in enumerate(selection.indices))
 
 
+@dataclass(frozen=True, eq=False)
+class PrunedBatch:
+    """A whole batch after allocation and selection, before any gather (:func:`run_batch`).
+
+    Attributes:
+        layouts: one Layout per image.
+        signals: one Signals per image (views of the batch's).
+        results: one PruneResult per image.
+        features: ``[sum P, N, D]`` the batch's features (every image's partitions,
+            consecutive), or ``None`` when they were not recorded or a custom ``split`` ran.
+        starts: per image, the index of its first partition in ``features``.
+    """
+
+    layouts: list[Layout]
+    signals: list[Signals]
+    results: list[PruneResult]
+    features: torch.Tensor | None
+    starts: list[int]
+
+
+def kept_rows(batch: PrunedBatch, images: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Where the kept tokens of ``images`` (default: all, none of them merged) sit in
+    ``batch.features``: partition and token indices ``[T]`` each, in partition order, on
+    the features' device, and the count per partition (host ints).
+
+    Built without host reads: the token indices are one ``cat`` of the selections'
+    tensors; the partition of each is found on the host from the counts (sizes only, a
+    ``searchsorted`` of their running sums) and copied to the device once."""
+    assert batch.features is not None
+    device = batch.features.device
+    chosen = range(len(batch.results)) if images is None else images
+    tokens: list[torch.Tensor] = []
+    parts: list[int] = []
+    counts: list[int] = []
+    for i in chosen:
+        indices = batch.results[i].selection.indices
+        tokens.extend(indices)
+        parts.extend(range(batch.starts[i], batch.starts[i] + len(indices)))
+        counts.extend(int(idx.numel()) for idx in indices)
+    total = sum(counts)
+    if not tokens:
+        empty = torch.empty(0, dtype=torch.int64, device=device)
+        return empty, empty, counts
+    token_index = torch.cat(tokens).to(device) if len(tokens) > 1 else tokens[0].to(device)
+    ends = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int64)
+    owner = torch.searchsorted(ends, torch.arange(total, dtype=torch.int64), right=True)
+    part_index = torch.tensor(parts, dtype=torch.int64)[owner]
+    return part_index.to(device, non_blocking=True), token_index, counts
+
+
+def kept_features_batch(batch: PrunedBatch) -> list[tuple[torch.Tensor, ...]]:
+    """Per image, per partition, the rows the LLM gets: what :func:`kept_features` returns,
+    gathered for every unmerged image of the batch with ONE index (views of one tensor)."""
+    out: list[tuple[torch.Tensor, ...] | None] = [None] * len(batch.results)
+    plain = []
+    for i, (image, result) in enumerate(zip(batch.signals, batch.results)):
+        if result.selection.features is not None or batch.features is None:
+            out[i] = kept_features(image.features, result.selection)
+        else:
+            plain.append(i)
+    if plain:
+        part_index, token_index, counts = kept_rows(batch, plain)
+        rows = batch.features[part_index, token_index].split(counts)
+        start = 0
+        for i in plain:
+            size = batch.results[i].selection.num_partitions
+            out[i] = tuple(rows[start : start + size])
+            start += size
+    return out  # type: ignore[return-value]
+
+
 def prune_batch(
     pipeline: Pipeline,
     tap: AttentionTap,
@@ -93,6 +174,7 @@ def prune_batch(
     signals: Callable[[Any], Signals] | None = None,
     split: Callable[[Any, Sequence[Layout]], list[Signals]] | None = None,
     annotate: Callable[[int, Signals], Signals] | None = None,
+    annotate_batch: Callable[[list[Signals]], list[Signals]] | None = None,
 ) -> list[PrunedImage]:
     """Tower once with the tap, split per image, allocate and select the batch, gather.
 
@@ -110,13 +192,45 @@ def prune_batch(
             of the batch's signals.
         annotate: ``(image index, signals) -> signals`` per image after the split (e.g. to
             add prompt relevance).
+        annotate_batch: ``[signals] -> [signals]``, the whole batch at once (after
+            ``annotate``); e.g. prompt relevance scored in one call for every image.
+
+    The kept features of every unmerged image are gathered with one index
+    (:func:`kept_features_batch`).
     """
+    batch = run_batch(
+        pipeline, tap, forward, layouts, feature_layer=feature_layer, needs=needs, signals=signals,
+        split=split, annotate=annotate, annotate_batch=annotate_batch,
+    )
+    kept = kept_features_batch(batch)
+    return [
+        PrunedImage(layout, image, result, image_kept)
+        for layout, image, result, image_kept in zip(batch.layouts, batch.signals, batch.results, kept)
+    ]
+
+
+def run_batch(
+    pipeline: Pipeline,
+    tap: AttentionTap,
+    forward: Callable[[], Any],
+    layouts: Sequence[Layout] | Callable[[Signals], Sequence[Layout]],
+    *,
+    feature_layer: int | None,
+    needs: Needs | None = None,
+    signals: Callable[[Any], Signals] | None = None,
+    split: Callable[[Any, Sequence[Layout]], list[Signals]] | None = None,
+    annotate: Callable[[int, Signals], Signals] | None = None,
+    annotate_batch: Callable[[list[Signals]], list[Signals]] | None = None,
+) -> PrunedBatch:
+    """:func:`prune_batch` without the gather: the batch's selections and features, for an
+    adapter that gathers the kept tokens in its own order (one index for the batch)."""
     with tap.capture(pipeline.needs if needs is None else needs, feature_layer=feature_layer) as record:  # type: ignore[call-arg]
         forward()
+    whole: Signals | None = None
     if split is None:
-        batch = record.signals() if signals is None else signals(record)
-        image_layouts = list(layouts(batch) if callable(layouts) else layouts)
-        per_image = split_by_layouts(batch, image_layouts)
+        whole = record.signals() if signals is None else signals(record)
+        image_layouts = list(layouts(whole) if callable(layouts) else layouts)
+        per_image = split_by_layouts(whole, image_layouts)
     else:
         if callable(layouts):
             raise ContractError("prune_batch: with split=..., pass the layouts themselves")
@@ -124,8 +238,14 @@ def prune_batch(
         per_image = split(record, image_layouts)
     if annotate is not None:
         per_image = [annotate(index, image) for index, image in enumerate(per_image)]
+    if annotate_batch is not None:
+        per_image = list(annotate_batch(per_image))
+        if len(per_image) != len(image_layouts):
+            raise ContractError(f"annotate_batch returned {len(per_image)} signals for {len(image_layouts)} images")
     results = pipeline.apply_batch(image_layouts, per_image)
-    return [
-        PrunedImage(layout, image, result, kept_features(image.features, result.selection))
-        for layout, image, result in zip(image_layouts, per_image, results)
-    ]
+    starts, start = [], 0
+    for layout in image_layouts:
+        starts.append(start)
+        start += layout.num_partitions
+    features = None if whole is None else whole.features
+    return PrunedBatch(image_layouts, per_image, results, features, starts)

@@ -170,7 +170,9 @@ class RelevanceScorer(ABC):
     prompt; allocators (HERO) turn it into weights themselves. Implementations report
     the path their last call took in :attr:`last_path` and why in :attr:`last_reason`.
 
-    The adapter calls it once per image, with what it has at hand anyway:
+    The adapters call :meth:`score_batch` once per batch (every image's partitions
+    concatenated, one prompt per image); per image, :meth:`score` takes what the adapter
+    has at hand anyway:
 
     * ``pixel_values`` ``[P, 3, H, W]``: the VLM processor's pixels of the image's
       partitions (thumbnail first, then tiles), normalised with ``pixel_mean`` /
@@ -199,6 +201,34 @@ class RelevanceScorer(ABC):
         tower_cls: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Raw cosines ``[P]`` float32, on ``pixel_values``' device."""
+
+    def score_batch(
+        self,
+        pixel_values: torch.Tensor,
+        prompts: Sequence[str],
+        counts: Sequence[int],
+        *,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        tower: nn.Module | None = None,
+        tower_cls: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """A whole batch (what the adapters call): image ``i`` owns the next ``counts[i]``
+        partitions of ``pixel_values`` (and of ``tower_cls``) and is scored against
+        ``prompts[i]``. This default calls :meth:`score` per image; scorers that can batch
+        (:class:`ClipRelevanceScorer`) override it."""
+        if len(prompts) != len(counts) or sum(counts) != int(pixel_values.shape[0]):
+            raise ContractError(
+                f"score_batch needs one prompt and one partition count per image, counts summing to "
+                f"the {int(pixel_values.shape[0])} partitions of pixel_values; got {len(prompts)} prompts "
+                f"and counts {list(counts)}"
+            )
+        pixels = pixel_values.split(list(counts))
+        cls = [None] * len(counts) if tower_cls is None else tower_cls.split(list(counts))
+        return [
+            self.score(p, prompt, pixel_mean=pixel_mean, pixel_std=pixel_std, tower=tower, tower_cls=c)
+            for p, prompt, c in zip(pixels, prompts, cls)
+        ]
 
     def needs_for(self, tower: nn.Module | None) -> Needs:
         """Signals the tap should record on ``tower`` so that :meth:`score` can use them."""
