@@ -64,6 +64,15 @@ class Spatial(BatchedSelector):
             stride holds at most ``b`` tokens (``gap = max(N // b, ceil((N - 1) / b))``);
             positions on padding are dropped, not replaced. Adaptive.
 
+    Cost: every mode's choice depends only on a partition's valid mask and budget, so it is
+    planned on the host from :attr:`Layout.valid_rows` (read once when the layout is made),
+    cached per (mask row, budget), and uploaded once for the whole batch, then split: no
+    host read and a few dispatched ops whatever the batch size. ``"pool"`` adds one gather,
+    one ``index_add_`` and one division over every partition of the batch, and needs one
+    features dtype, device and width across a batch (:class:`~tokenprune.ContractError`
+    otherwise). Indices land on the first layout's ``valid`` device (``"pool"``: the
+    features' device).
+
     ``nested`` is ``False``: the lattice (or pooling grid) is chosen for each budget (10 x 10
     at ``b = 100``, 10 x 11 less one at ``b = 109``), so the tokens kept at ``b`` are not in
     general kept at ``b + 1``. An order whose every prefix is nested (an ordered-dither
@@ -119,8 +128,8 @@ class Spatial(BatchedSelector):
 
 # --------------------------------------------------------------------------- batch assembly
 
-#: Bytes per int64 index: the cached plans hold native int64 arrays, joined without a copy
-#: into Python ints and read by ``torch.frombuffer``.
+#: Bytes per int64 index. Cached plans are native int64 bytes, so a batch is one
+#: ``bytes.join`` read by ``torch.frombuffer`` (no Python int per token on a cache hit).
 _INT64 = 8
 #: Cached plans per mode: (valid row, side, budget) -> plan. LLaVA-NeXT has a few grids per
 #: budget, so hits dominate; a plan is at most ``8 N`` bytes.
@@ -155,27 +164,33 @@ def _pool_batch(
     layouts: Sequence[Layout], signals: Sequence[Signals], counts: Sequence[tuple[int, ...]], needs: Needs
 ) -> list[Selection]:
     """Every partition's pooled cells in one gather, one ``index_add_`` and one division."""
+    features: list[torch.Tensor] = []
     for layout, signal in zip(layouts, signals):
         signal.require(needs, who="selector 'spatial' (mode='pool')")
         signal.check_layout(layout)
-    features = [signal.features for signal in signals]
-    assert all(f is not None for f in features)
+        assert signal.features is not None
+        features.append(signal.features)
     first = features[0]
-    assert first is not None
-    if any(f.dtype != first.dtype or f.device != first.device or f.shape[2] != first.shape[2] for f in features):  # type: ignore[union-attr]
+    if any(f.dtype != first.dtype or f.device != first.device or f.shape[2] != first.shape[2] for f in features):
         raise ContractError("selector 'spatial' (mode='pool') needs one features dtype, device and width across a batch")
     # Every token of every partition as one row of [sum P * N, D] (a view for one image).
     if len(features) == 1:
-        rows = first.flatten(0, 1)
-    elif len({f.shape[1] for f in features}) == 1:  # type: ignore[union-attr]
-        rows = torch.cat(features).flatten(0, 1)  # type: ignore[arg-type]
+        token_rows = first.flatten(0, 1)
+    elif len({f.shape[1] for f in features}) == 1:
+        token_rows = torch.cat(features).flatten(0, 1)
     else:  # partitions of different sizes (Qwen grids): one view per image
-        rows = torch.cat([f.flatten(0, 1) for f in features])  # type: ignore[union-attr]
+        token_rows = torch.cat([f.flatten(0, 1) for f in features])
 
     # Host plans, laid out for the batch: token rows (each cell's tokens in ascending order,
     # as the per-partition sum adds them), the cell each adds to, and per cell its
     # representative and size. Offsets are added on the device to keep the host work C-level.
-    tokens, token_base, cells, cell_base, representatives, sizes, cell_counts = [], [], [], [], [], [], []
+    tokens: list[bytes] = []
+    token_base: list[bytes] = []
+    cells: list[bytes] = []
+    cell_base: list[bytes] = []
+    representatives: list[bytes] = []
+    cell_sizes: list[bytes] = []
+    cells_per_partition: list[int] = []
     row_base = cell_start = 0
     for layout, values in zip(layouts, counts):
         side = layout.tokens_per_side
@@ -186,19 +201,19 @@ def _pool_batch(
             cells.append(plan.cells)
             cell_base.append(_int64([cell_start]) * plan.num_tokens)
             representatives.append(plan.representatives)
-            sizes.append(plan.cell_sizes)
-            cell_counts.append(plan.num_cells)
+            cell_sizes.append(plan.cell_sizes)
+            cells_per_partition.append(plan.num_cells)
             row_base += side * side
             cell_start += plan.num_cells
     num_tokens = sum(len(t) for t in tokens) // _INT64
-    packed = _upload(b"".join(tokens + token_base + cells + cell_base + representatives + sizes), first.device)  # type: ignore[operator]
+    packed = _upload(b"".join(tokens + token_base + cells + cell_base + representatives + cell_sizes), first.device)
     token, token_offset, cell, cell_offset, representative, size = torch.split(
         packed, [num_tokens] * 4 + [cell_start] * 2
     )
     sums = torch.zeros(cell_start, first.shape[2], dtype=torch.float32, device=first.device)
-    sums.index_add_(0, cell + cell_offset, rows[token + token_offset].float())
+    sums.index_add_(0, cell + cell_offset, token_rows[token + token_offset].float())
     pooled = (sums / size[:, None]).to(first.dtype)
-    kept, merged = torch.split(representative, cell_counts), torch.split(pooled, cell_counts)
+    kept, merged = torch.split(representative, cells_per_partition), torch.split(pooled, cells_per_partition)
     parts = list(zip(kept, merged))
     return _per_image(
         parts,
