@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from array import array
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import ClassVar, Literal
+from functools import lru_cache
+from typing import Any, ClassVar, Literal
 
 import torch
 from tokenprune.strategies._scores import BatchedSelector
 
 from tokenprune import (
+    ContractError,
     Layout,
     Needs,
     Selection,
@@ -60,6 +64,15 @@ class Spatial(BatchedSelector):
             stride holds at most ``b`` tokens (``gap = max(N // b, ceil((N - 1) / b))``);
             positions on padding are dropped, not replaced. Adaptive.
 
+    Cost: every mode's choice depends only on a partition's valid mask and budget, so it is
+    planned on the host from :attr:`Layout.valid_rows` (read once when the layout is made),
+    cached per (mask row, budget), and uploaded once for the whole batch, then split: no
+    host read and a few dispatched ops whatever the batch size. ``"pool"`` adds one gather,
+    one ``index_add_`` and one division over every partition of the batch, and needs one
+    features dtype, device and width across a batch (:class:`~tokenprune.ContractError`
+    otherwise). Indices land on the first layout's ``valid`` device (``"pool"``: the
+    features' device).
+
     ``nested`` is ``False``: the lattice (or pooling grid) is chosen for each budget (10 x 10
     at ``b = 100``, 10 x 11 less one at ``b = 109``), so the tokens kept at ``b`` are not in
     general kept at ``b + 1``. An order whose every prefix is nested (an ordered-dither
@@ -97,41 +110,142 @@ class Spatial(BatchedSelector):
         budgets: Sequence[torch.Tensor],
         counts: Sequence[tuple[int, ...]],
     ) -> list[Selection]:
-        """Per image, with the pipeline's host budgets (no host read for them)."""
-        return [self._select(layout, signal, values) for layout, signal, values in zip(layouts, signals, counts)]
-
-    def _select(self, layout: Layout, signals: Signals, values: Sequence[int]) -> Selection:
+        """The whole batch from host geometry and the pipeline's host budgets: no host read."""
+        if not layouts:
+            return []
         if self.mode == "pool":
-            signals.require(self.needs, who="selector 'spatial' (mode='pool')")
-            assert signals.features is not None
-            kept = [
-                _pool(layout, p, b, signals.features[p]) for p, b in enumerate(values)
-            ]
-            return Selection(indices=tuple(i for i, _ in kept), features=tuple(f for _, f in kept))
+            return _pool_batch(layouts, signals, counts, self.needs)
         choose = _lattice if self.mode == "sample" else _stride
-        return Selection(indices=tuple(choose(layout, p, b) for p, b in enumerate(values)))
+        plans = [
+            choose(row, layout.tokens_per_side, budget)
+            for layout, values in zip(layouts, counts)
+            for row, budget in zip(layout.valid_rows, values)
+        ]
+        flat = _upload(b"".join(plans), layouts[0].valid.device)
+        kept = torch.split(flat, [len(plan) // _INT64 for plan in plans])
+        return _per_image(kept, [len(values) for values in counts], lambda part: Selection(indices=part))
 
 
-# --------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------- batch assembly
+
+#: Bytes per int64 index. Cached plans are native int64 bytes, so a batch is one
+#: ``bytes.join`` read by ``torch.frombuffer`` (no Python int per token on a cache hit).
+_INT64 = 8
+#: Cached plans per mode: (valid row, side, budget) -> plan. LLaVA-NeXT has a few grids per
+#: budget, so hits dominate; a plan is at most ``8 N`` bytes.
+_CACHE_SIZE = 2048
 
 
-def _bounding_box(valid_grid: torch.Tensor) -> tuple[int, int, int, int]:
-    """``(top, height, left, width)`` of the valid tokens of a non-empty ``[S, S]`` mask."""
-    rows = torch.nonzero(valid_grid.any(dim=1)).flatten()
-    cols = torch.nonzero(valid_grid.any(dim=0)).flatten()
-    top, bottom, left, right = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
-    return top, bottom - top + 1, left, right - left + 1
+def _int64(values: Sequence[int]) -> bytes:
+    return array("q", values).tobytes()
 
 
-def _bayer_rank(y: torch.Tensor, x: torch.Tensor, size: int) -> torch.Tensor:
-    """Ordered-dither (Bayer) rank of cells ``(y, x)`` of a grid of side ``size``.
+def _upload(data: bytes, device: torch.device) -> torch.Tensor:
+    """Host int64 bytes as one tensor on ``device`` (no dispatched op on the CPU)."""
+    if not data:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    host = torch.frombuffer(bytearray(data), dtype=torch.int64)
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":  # pinned, so the copy is queued without waiting for the stream
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def _per_image(parts: Sequence[Any], sizes: Sequence[int], make: Callable[[tuple[Any, ...]], Selection]) -> list[Selection]:
+    out, start = [], 0
+    for size in sizes:
+        out.append(make(tuple(parts[start : start + size])))
+        start += size
+    return out
+
+
+def _pool_batch(
+    layouts: Sequence[Layout], signals: Sequence[Signals], counts: Sequence[tuple[int, ...]], needs: Needs
+) -> list[Selection]:
+    """Every partition's pooled cells in one gather, one ``index_add_`` and one division."""
+    features: list[torch.Tensor] = []
+    for layout, signal in zip(layouts, signals):
+        signal.require(needs, who="selector 'spatial' (mode='pool')")
+        signal.check_layout(layout)
+        assert signal.features is not None
+        features.append(signal.features)
+    first = features[0]
+    if any(f.dtype != first.dtype or f.device != first.device or f.shape[2] != first.shape[2] for f in features):
+        raise ContractError("selector 'spatial' (mode='pool') needs one features dtype, device and width across a batch")
+    # Every token of every partition as one row of [sum P * N, D] (a view for one image).
+    if len(features) == 1:
+        token_rows = first.flatten(0, 1)
+    elif len({f.shape[1] for f in features}) == 1:
+        token_rows = torch.cat(features).flatten(0, 1)
+    else:  # partitions of different sizes (Qwen grids): one view per image
+        token_rows = torch.cat([f.flatten(0, 1) for f in features])
+
+    # Host plans, laid out for the batch: token rows (each cell's tokens in ascending order,
+    # as the per-partition sum adds them), the cell each adds to, and per cell its
+    # representative and size. Offsets are added on the device to keep the host work C-level.
+    tokens: list[bytes] = []
+    token_base: list[bytes] = []
+    cells: list[bytes] = []
+    cell_base: list[bytes] = []
+    representatives: list[bytes] = []
+    cell_sizes: list[bytes] = []
+    cells_per_partition: list[int] = []
+    row_base = cell_start = 0
+    for layout, values in zip(layouts, counts):
+        side = layout.tokens_per_side
+        for row, budget in zip(layout.valid_rows, values):
+            plan = _pool_plan(row, side, budget)
+            tokens.append(plan.tokens)
+            token_base.append(_int64([row_base]) * plan.num_tokens)
+            cells.append(plan.cells)
+            cell_base.append(_int64([cell_start]) * plan.num_tokens)
+            representatives.append(plan.representatives)
+            cell_sizes.append(plan.cell_sizes)
+            cells_per_partition.append(plan.num_cells)
+            row_base += side * side
+            cell_start += plan.num_cells
+    num_tokens = sum(len(t) for t in tokens) // _INT64
+    packed = _upload(b"".join(tokens + token_base + cells + cell_base + representatives + cell_sizes), first.device)
+    token, token_offset, cell, cell_offset, representative, size = torch.split(
+        packed, [num_tokens] * 4 + [cell_start] * 2
+    )
+    sums = torch.zeros(cell_start, first.shape[2], dtype=torch.float32, device=first.device)
+    sums.index_add_(0, cell + cell_offset, token_rows[token + token_offset].float())
+    pooled = (sums / size[:, None]).to(first.dtype)
+    kept, merged = torch.split(representative, cells_per_partition), torch.split(pooled, cells_per_partition)
+    parts = list(zip(kept, merged))
+    return _per_image(
+        parts,
+        [len(values) for values in counts],
+        lambda image: Selection(indices=tuple(i for i, _ in image), features=tuple(f for _, f in image)),
+    )
+
+
+# --------------------------------------------------------------------------- host geometry
+
+
+def _valid_tokens(row: bytes) -> list[int]:
+    return [t for t, v in enumerate(row) if v]
+
+
+def _bounding_box(tokens: Sequence[int], side: int) -> tuple[int, int, int, int]:
+    """``(top, height, left, width)`` of a non-empty list of valid token indices."""
+    ys = [t // side for t in tokens]
+    xs = [t % side for t in tokens]
+    top, left = min(ys), min(xs)
+    return top, max(ys) - top + 1, left, max(xs) - left + 1
+
+
+def _bayer_rank(y: int, x: int, size: int) -> int:
+    """Ordered-dither (Bayer) rank of cell ``(y, x)`` of a grid of side ``size``.
 
     Every prefix of this order is spread evenly over the plane (a 2^k lattice, then its
     centred copies), and ranks are unique, so sorting by them is deterministic.
     """
     bits = max(1, (size - 1).bit_length())
     mixed = y ^ x
-    rank = torch.zeros_like(y)
+    rank = 0
     for bit in range(bits):  # the coordinates' low bits decide the rank's high bits
         shift = 2 * (bits - 1 - bit)
         rank |= ((mixed >> bit) & 1) << (shift + 1)
@@ -162,50 +276,49 @@ def _lattice_shape(target: int, height: int, width: int) -> tuple[int, int]:
     return best[1]
 
 
-def _lattice(layout: Layout, p: int, budget: int) -> torch.Tensor:
-    """``budget`` valid token indices of partition ``p`` on an even 2-D lattice, ascending."""
-    valid = layout.valid[p]
-    device = valid.device
-    capacity = layout.capacity_counts[p]
+@lru_cache(maxsize=_CACHE_SIZE)
+def _lattice(row: bytes, side: int, budget: int) -> bytes:
+    """``budget`` valid token indices of a partition on an even 2-D lattice, ascending (int64 bytes)."""
     if budget == 0:
-        return torch.zeros(0, dtype=torch.int64, device=device)
+        return b""
+    tokens = _valid_tokens(row)
+    capacity = len(tokens)
     if budget == capacity:
-        return torch.nonzero(valid).flatten()
-    side = layout.tokens_per_side
-    grid = valid.view(side, side)
-    top, height, left, width = _bounding_box(grid)
+        return _int64(tokens)
+    top, height, left, width = _bounding_box(tokens, side)
     area = height * width
     target = min(area, -(-budget * area // capacity))  # lattice points needed to hit `budget` valid ones
     rows, cols = _lattice_shape(target, height, width)
 
-    # Cell centres of an r x c partition of the box; r <= height, c <= width keeps them distinct.
-    lattice_y = top + (torch.arange(rows, device=device) * 2 + 1) * height // (2 * rows)
-    lattice_x = left + (torch.arange(cols, device=device) * 2 + 1) * width // (2 * cols)
-    lattice = (lattice_y[:, None] * side + lattice_x[None, :]).flatten()
-
     # Priority (lower first): valid lattice points in ordered-dither order of their lattice
     # position, so the spare ones (last in that order) are spread evenly; then the other
     # valid tokens in ordered-dither order of the box, to fill what padding left short.
+    # Cell centres of an r x c partition of the box; r <= height, c <= width keeps them distinct.
+    lattice = {
+        (top + (2 * i + 1) * height // (2 * rows)) * side + left + (2 * j + 1) * width // (2 * cols): _bayer_rank(i, j, max(rows, cols))
+        for i in range(rows)
+        for j in range(cols)
+    }
     big = 1 << (2 * max(1, (max(rows, cols, height, width) - 1).bit_length()))
-    ii, jj = torch.meshgrid(torch.arange(rows, device=device), torch.arange(cols, device=device), indexing="ij")
-    yy, xx = torch.meshgrid(torch.arange(side, device=device), torch.arange(side, device=device), indexing="ij")
-    priority = big + _bayer_rank((yy - top).clamp(min=0), (xx - left).clamp(min=0), max(height, width))
-    priority = priority.flatten()
-    priority[lattice] = _bayer_rank(ii, jj, max(rows, cols)).flatten()
-    priority = priority.masked_fill(~valid, 4 * big)  # never chosen: budget <= capacity
-    chosen = torch.sort(priority, stable=True).indices[:budget]
-    return chosen.sort().values
+    box = max(height, width)
+
+    def priority(t: int) -> tuple[int, int]:
+        rank = lattice.get(t)
+        if rank is None:
+            rank = big + _bayer_rank(t // side - top, t % side - left, box)
+        return rank, t  # ties to the lower index
+
+    return _int64(sorted(sorted(tokens, key=priority)[:budget]))
 
 
-def _stride(layout: Layout, p: int, budget: int) -> torch.Tensor:
+@lru_cache(maxsize=_CACHE_SIZE)
+def _stride(row: bytes, side: int, budget: int) -> bytes:
     """The released 1-D stride ``range(0, N - 1, gap)``, widened to fit ``budget``, valid only."""
-    valid = layout.valid[p]
     if budget == 0:
-        return torch.zeros(0, dtype=torch.int64, device=valid.device)
-    n = layout.tokens_per_partition
+        return b""
+    n = side * side
     gap = max(n // budget, -(-(n - 1) // budget), 1)
-    positions = torch.arange(0, n - 1, gap, device=valid.device)
-    return positions[valid[positions]]
+    return _int64([t for t in range(0, n - 1, gap) if row[t]])
 
 
 def _pool_shape(budget: int, height: int, width: int) -> tuple[int, int]:
@@ -217,42 +330,53 @@ def _pool_shape(budget: int, height: int, width: int) -> tuple[int, int]:
     return rows, cols
 
 
-def _pool(layout: Layout, p: int, budget: int, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Average-pooled features of partition ``p`` and one representative token per cell."""
-    valid = layout.valid[p].to(features.device)
-    device = features.device
+@dataclass(frozen=True)
+class _PoolPlan:
+    """One partition's pooling, as int64 bytes: cells ordered by representative."""
+
+    tokens: bytes  # the valid tokens, cell by cell, ascending within a cell
+    cells: bytes  # the cell (0-based, in this order) each of those tokens adds to
+    representatives: bytes  # per cell: its valid token nearest the cell centre (ascending)
+    cell_sizes: bytes  # per cell: how many tokens it averages
+    num_tokens: int
+    num_cells: int
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def _pool_plan(row: bytes, side: int, budget: int) -> _PoolPlan:
+    """Which tokens each pooled cell of a partition averages, and the token representing it."""
     if budget == 0:
-        return torch.zeros(0, dtype=torch.int64, device=device), features[:0]
-    side = layout.tokens_per_side
-    top, height, left, width = _bounding_box(valid.view(side, side))
+        return _PoolPlan(b"", b"", b"", b"", 0, 0)
+    tokens = _valid_tokens(row)
+    top, height, left, width = _bounding_box(tokens, side)
     rows, cols = _pool_shape(budget, height, width)
-
-    row_edges = torch.arange(rows + 1, device=device) * height // rows
-    col_edges = torch.arange(cols + 1, device=device) * width // cols
-    tokens = torch.nonzero(valid).flatten()
-    y, x = tokens // side - top, tokens % side - left
-    band_y = torch.bucketize(y, row_edges[1:-1], right=True)
-    band_x = torch.bucketize(x, col_edges[1:-1], right=True)
-    cell = band_y * cols + band_x
-
-    cells = rows * cols
-    sums = torch.zeros(cells, features.shape[1], dtype=torch.float32, device=device)
-    sums.index_add_(0, cell, features[tokens].float())
-    counts = torch.bincount(cell, minlength=cells)
-
-    # Representative: the valid token nearest the cell centre (doubled coordinates stay integer).
-    centre_y2 = row_edges[:-1] + row_edges[1:] - 1
-    centre_x2 = col_edges[:-1] + col_edges[1:] - 1
-    dist2 = (2 * y - centre_y2[band_y]) ** 2 + (2 * x - centre_x2[band_x]) ** 2
-    key = dist2 * layout.tokens_per_partition + tokens
-    best = torch.full((cells,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
-    best.scatter_reduce_(0, cell, key, reduce="amin")
-
-    filled = counts > 0
-    representative = best[filled] % layout.tokens_per_partition
-    pooled = sums[filled] / counts[filled, None]
-    order = torch.argsort(representative)
-    return representative[order], pooled[order].to(features.dtype)
+    row_edges = [i * height // rows for i in range(rows + 1)]
+    col_edges = [j * width // cols for j in range(cols + 1)]
+    members: dict[int, list[int]] = {}
+    nearest: dict[int, int] = {}
+    n = side * side
+    for t in tokens:
+        y, x = t // side - top, t % side - left
+        band_y = bisect_right(row_edges, y, 1, rows) - 1  # disjoint bands [edge_i, edge_i+1)
+        band_x = bisect_right(col_edges, x, 1, cols) - 1
+        cell = band_y * cols + band_x
+        members.setdefault(cell, []).append(t)
+        # Representative: the valid token nearest the cell centre (doubled coordinates stay
+        # integer; ties to the lower index).
+        centre_y2 = row_edges[band_y] + row_edges[band_y + 1] - 1
+        centre_x2 = col_edges[band_x] + col_edges[band_x + 1] - 1
+        key = ((2 * y - centre_y2) ** 2 + (2 * x - centre_x2) ** 2) * n + t
+        nearest[cell] = min(key, nearest.get(cell, key))
+    order = sorted(members, key=lambda c: nearest[c] % n)  # empty cells never appear
+    cell_tokens = [members[c] for c in order]
+    return _PoolPlan(
+        tokens=_int64([t for group in cell_tokens for t in group]),
+        cells=_int64([k for k, group in enumerate(cell_tokens) for _ in group]),
+        representatives=_int64([nearest[c] % n for c in order]),
+        cell_sizes=_int64([len(group) for group in cell_tokens]),
+        num_tokens=len(tokens),
+        num_cells=len(order),
+    )
 
 
 register_preset(

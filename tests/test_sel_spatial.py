@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 
@@ -249,3 +251,162 @@ def test_pool_on_a_tall_narrow_region_with_a_small_budget():
         column = features[0, valid.flatten(), 0]
         if budget == 1:
             assert torch.allclose(selection.features[0][:, 0], column.mean()[None])
+
+
+# --------------------------------------------------------------------------- frozen selections
+# Expected values below were produced by the per-partition tensor implementation that the
+# host-planned one replaced (issue 12); they pin its behaviour, padding and holes included.
+
+
+def _llava_next(size: tuple[int, int]) -> tp.Layout:
+    from tokenprune.adapters.llava_next_partitioner import LlavaNextPartitioner
+
+    pinpoints = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+    return LlavaNextPartitioner(pinpoints, 336, 14).layout(size)
+
+
+def _notched() -> tp.Layout:
+    """A 12 x 12 partition whose valid region is a box cut by a diagonal, with a hole."""
+    grid = torch.zeros(12, 12, dtype=torch.bool)
+    grid[2:11, 1:12] = True
+    yy, xx = torch.meshgrid(torch.arange(12), torch.arange(12), indexing="ij")
+    grid &= (yy + xx) >= 6
+    grid[6, 5] = False
+    return tp.Layout.single(12, valid=grid.flatten()[None])
+
+
+def _frozen_layouts() -> dict[str, tp.Layout]:
+    from tokenprune.adapters.qwen2_5_vl import merged_layout
+
+    return {
+        "llava_next_300x900": _llava_next((300, 900)),
+        "llava_next_700x500": _llava_next((700, 500)),  # padded tiles
+        "notched_12": _notched(),
+        "random_10": tp.Layout.single(10, valid=torch.rand(1, 100, generator=torch.Generator().manual_seed(3)) < 0.45),
+        "qwen_5x9": merged_layout(5, 9),
+    }
+
+
+def _token_features(layout: tp.Layout) -> torch.Tensor:
+    """``[P, N, 1]`` float64: token t carries t (cell sums stay exact in float32)."""
+    n = layout.tokens_per_partition
+    return torch.arange(n, dtype=torch.float64)[None, :, None].expand(layout.num_partitions, n, 1)
+
+
+def _select_one(layout: tp.Layout, mode: str, p: int, budget: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    budgets = torch.zeros(layout.num_partitions, dtype=torch.int64)
+    budgets[p] = budget
+    signals = tp.Signals(features=_token_features(layout))
+    selection = tp.build_selector("spatial", mode=mode).select(layout, signals, budgets)
+    return selection.indices[p], None if selection.features is None else selection.features[p]
+
+
+FROZEN = [
+    ("llava_next_300x900", 1, 13, "sample", [75, 81, 87, 93, 219, 225, 237, 363, 369, 375, 381, 513, 525]),
+    ("llava_next_300x900", 1, 13, "stride", [0, 45, 90, 135, 180, 225, 270, 315, 360, 405, 450, 495, 540]),
+    ("llava_next_300x900", 1, 13, "pool", [74, 80, 86, 92, 266, 272, 278, 284, 458, 464, 470, 476]),
+    ("llava_next_300x900", 0, 20, "sample",
+     [74, 79, 84, 88, 93, 218, 223, 228, 232, 237, 362, 367, 372, 376, 381, 506, 511, 516, 520, 525]),
+    ("notched_12", 0, 17, "sample", [40, 42, 44, 46, 62, 64, 66, 68, 70, 86, 88, 90, 92, 94, 112, 114, 116]),
+    ("notched_12", 0, 17, "stride", [45, 54, 63, 81, 90, 99, 117, 126]),
+    ("notched_12", 0, 17, "pool", [39, 41, 43, 46, 50, 73, 75, 78, 79, 82, 109, 111, 113, 115, 118]),
+    ("random_10", 0, 11, "sample", [0, 13, 33, 35, 37, 48, 51, 59, 80, 88, 99]),
+    ("random_10", 0, 11, "stride", [0, 36, 45, 63, 72, 81, 90]),
+    ("random_10", 0, 11, "pool", [1, 14, 28, 34, 41, 47, 81, 85, 87]),
+    ("qwen_5x9", 0, 7, "sample", [10, 12, 14, 16, 28, 30, 34]),
+    ("qwen_5x9", 0, 7, "stride", [0, 12, 24, 36]),
+    ("qwen_5x9", 0, 7, "pool", [18, 19, 20, 21, 23, 24, 25]),
+]
+
+
+@pytest.mark.parametrize(("name", "p", "budget", "mode", "expected"), FROZEN)
+def test_frozen_selections(name, p, budget, mode, expected):
+    indices, _ = _select_one(_frozen_layouts()[name], mode, p, budget)
+    assert indices.tolist() == expected
+
+
+def test_frozen_pooled_averages():
+    layouts = _frozen_layouts()
+    # float32 cell means, cast back to the features' float64.
+    _, pooled = _select_one(layouts["notched_12"], "pool", 0, 17)
+    assert pooled[:, 0].tolist() == [42.0, 41.5, 43.5, 46.0, 50.0, 73.5, 75.5, float(torch.tensor(77.6).float()),
+                                     79.5, 82.0, 109.5, 111.5, 113.5, 115.5, 118.0]
+    _, pooled = _select_one(layouts["random_10"], "pool", 0, 11)
+    expected = torch.tensor([36 / 5, 107 / 7, 99 / 4, 38.0, 124 / 3, 367 / 8, 559 / 7, 277 / 4, 624 / 7]).float().double()
+    assert torch.equal(pooled[:, 0], expected)
+
+
+#: sha256 of every partition's selection at every budget 0..capacity of the frozen layouts
+#: (indices as little-endian int64, then for "pool" the float64 averages of ``_token_features``).
+FROZEN_DIGESTS = {
+    "sample": "71a58d2298e6ebb25774e548e478ff043e95d3a59f9624c2dd5ca0264b022813",
+    "stride": "abac6af6ff35e0d81351d057cb528f29a48a3f47f173936492c4a32eb47c4fab",
+    "pool": "f12167d2c3673f4dfca81cd96df60f742b4014b1c01b7357a225e61ecc6bf5b8",
+}
+
+
+@pytest.mark.parametrize("mode", ["sample", "stride", "pool"])
+def test_every_budget_of_the_frozen_layouts_is_unchanged(mode):
+    digest = hashlib.sha256()
+    selector = tp.build_selector("spatial", mode=mode)
+    for name, layout in _frozen_layouts().items():
+        signals = tp.Signals(features=_token_features(layout))
+        for p, capacity in enumerate(layout.capacity_counts):
+            # One batch holds this partition at every budget (the other partitions keep 0).
+            budgets = [tuple(b if q == p else 0 for q in range(layout.num_partitions)) for b in range(capacity + 1)]
+            selections = selector.select_counted(
+                [layout] * len(budgets), [signals] * len(budgets), [torch.tensor(b) for b in budgets], budgets
+            )
+            for budget, selection in enumerate(selections):
+                digest.update(f"{name}/{p}/{budget}:".encode())
+                digest.update(selection.indices[p].numpy().astype("<i8").tobytes())
+                if selection.features is not None:
+                    digest.update(selection.features[p].numpy().astype("<f8").tobytes())
+    assert digest.hexdigest() == FROZEN_DIGESTS[mode]
+
+
+# --------------------------------------------------------------------------- properties
+
+
+def _random_layouts() -> list[tp.Layout]:
+    from tokenprune.adapters.qwen2_5_vl import merged_layout
+
+    generator = torch.Generator().manual_seed(7)
+    layouts = [_llava_next(size) for size in ((480, 640), (300, 1000), (1000, 200))]
+    for side, density in ((6, 0.3), (9, 0.7), (16, 0.5)):
+        layouts.append(tp.Layout.single(side, valid=torch.rand(1, side * side, generator=generator) < density))
+    return [*layouts, _notched(), merged_layout(7, 3), merged_layout(2, 11)]
+
+
+@pytest.mark.parametrize("mode", ["sample", "stride", "pool"])
+def test_properties_on_mixed_batches(mode):
+    from tokenprune.strategies import spatial
+
+    selector = tp.build_selector("spatial", mode=mode)
+    layouts = _random_layouts()
+    generator = torch.Generator().manual_seed(11)
+    signals = [tp.Signals(features=torch.randn(lay.num_partitions, lay.tokens_per_partition, 4, generator=generator))
+               for lay in layouts]
+    for fraction in (0.0, 0.05, 0.3, 0.61, 1.0):
+        counts = [tuple(int(c * fraction) for c in lay.capacity_counts) for lay in layouts]
+        budgets = [torch.tensor(c) for c in counts]
+        batch = selector.select_counted(layouts, signals, budgets, counts)
+        spatial._lattice.cache_clear(), spatial._stride.cache_clear(), spatial._pool_plan.cache_clear()
+        cold = selector.select_counted(layouts[::-1], signals[::-1], budgets[::-1], counts[::-1])[::-1]
+        for layout, signal, values, got, again in zip(layouts, signals, counts, batch, cold):
+            alone = selector.select(layout, signal, torch.tensor(values))
+            for p, (indices, budget) in enumerate(zip(got.indices, values)):
+                kept = indices.tolist()
+                assert kept == sorted(set(kept))  # ascending, unique
+                assert all(bool(layout.valid[p, t]) for t in kept)  # valid only
+                assert len(kept) == budget if mode == "sample" else len(kept) <= budget
+                assert torch.equal(indices, again.indices[p]) and torch.equal(indices, alone.indices[p])  # deterministic
+            if mode == "pool":
+                assert all(torch.equal(a, b) for a, b in zip(got.features, alone.features))
+
+
+def test_pool_rejects_a_batch_of_mixed_feature_dtypes():
+    layout = tp.Layout.single(4)
+    signals = [tp.Signals(features=torch.zeros(1, 16, 2)), tp.Signals(features=torch.zeros(1, 16, 2, dtype=torch.float64))]
+    with pytest.raises(tp.ContractError, match="one features dtype"):
+        tp.build_selector("spatial", mode="pool").select_batch([layout, layout], signals, [torch.tensor([4])] * 2)

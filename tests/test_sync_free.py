@@ -44,6 +44,24 @@ def test_non_adaptive_score_pipelines_read_nothing_back_and_batch(images, alloca
     assert one.ops <= 60
 
 
+@pytest.mark.parametrize("mode", ["sample", "stride", "pool"])
+def test_spatial_plans_on_the_host_reads_nothing_and_batches(images, mode):
+    from tokenprune.strategies import spatial
+
+    pipe = tp.Pipeline(allocator="equal", selector="spatial", budget=0.2, selector_options={"mode": mode})
+    layouts = [layout for layout, _ in images]
+    signals = [_signals(pipe, layout, seed) for layout, seed in images]
+    one = _count(pipe, layouts[:1], signals[:1])
+    batch = _count(pipe, layouts, signals)
+    spatial._lattice.cache_clear(), spatial._stride.cache_clear(), spatial._pool_plan.cache_clear()
+    with tp.validation(False), tpt.count_dispatch() as cold:  # a cache miss is host work only
+        pipe.apply_batch(layouts, signals)
+    assert one.reads == batch.reads == cold.reads == 0, (one.read_names, batch.read_names, cold.read_names)
+    assert batch.ops <= 2 * one.ops, (one.ops, batch.ops)  # was ~6.6x: one upload for the batch
+    assert cold.ops == batch.ops
+    assert one.ops <= 60
+
+
 def test_validation_mode_is_what_costs_reads(images):
     pipe = tp.Pipeline(allocator="equal", selector="cls_final", budget=0.2)
     layout, seed = images[0]

@@ -180,8 +180,11 @@ class Layout:
                 self.overlap is None,
                 "Layout.overlap must be None without a thumbnail (it maps tiles onto the thumbnail)",
             )
-        # Valid counts on the host, read once here (where the layout is made, not per apply).
-        object.__setattr__(self, "_capacity_counts", tuple(int(c) for c in valid.sum(dim=1).tolist()))
+        # The mask on the host, read once here (where the layout is made, not per apply):
+        # valid counts, and each row as bytes, a hashable key for geometry-only strategies.
+        rows = valid.tolist()
+        object.__setattr__(self, "_capacity_counts", tuple(sum(row) for row in rows))
+        object.__setattr__(self, "_valid_rows", tuple(bytes(row) for row in rows))
         if self.image_size is not None:
             _require(
                 isinstance(self.image_size, tuple)
@@ -243,6 +246,13 @@ class Layout:
     def capacity_counts(self) -> tuple[int, ...]:
         """:attr:`capacity` as host ints, computed once when the layout was made (no sync)."""
         return self._capacity_counts  # type: ignore[attr-defined, no-any-return]
+
+    @property
+    def valid_rows(self) -> tuple[bytes, ...]:
+        """:attr:`valid` on the host, one ``bytes`` of 0/1 per partition (``N`` long),
+        copied once when the layout was made (no sync): a hashable key of a partition's
+        geometry, for strategies that cache what they compute from the mask alone."""
+        return self._valid_rows  # type: ignore[attr-defined, no-any-return]
 
     @property
     def tile_slice(self) -> slice:
