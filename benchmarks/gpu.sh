@@ -26,7 +26,7 @@ if [ "$smoke" = 1 ]; then
   strategies=(--tower-layers 1 --warmup 0 --inner 1 --only 'hired,cls_final,hired + cls_final' --batch-sizes 1,2)
   tap=(--width 64 --layers 2 --crops 1)
   relevance=(--layers 1 --text-layers 1 --crop-size 112 --crops 2 --batch 2)
-  limits=(300 300 300 300)  # guards only: a loaded CI machine is slow
+  limits=(300 300 300 300 600)  # guards only: a loaded CI machine is slow
 else
   common=(--device cuda --dtype float16)
   e2e=(--repeats 5 --warmup 1 --vision-width 1024 --llm-width 4096 --llm-layers 32 --budgets 0.2,0.1
@@ -34,7 +34,7 @@ else
   strategies=(--repeats 5 --warmup 1 --inner 3 --batch-sizes 1,8)
   tap=(--repeats 20 --warmup 2)
   relevance=(--repeats 10 --warmup 2)
-  limits=(200 100 45 45)
+  limits=(200 100 45 45 240)
 fi
 
 summary="$out_dir/summary.md"
@@ -65,5 +65,7 @@ step e2e "${limits[0]}" e2e.py "${common[@]}" "${e2e[@]}"
 step strategies "${limits[1]}" strategies.py "${common[@]}" "${strategies[@]}"
 step tap "${limits[2]}" tap.py "${common[@]}" "${tap[@]}"
 step relevance "${limits[3]}" relevance.py "${common[@]}" "${relevance[@]}"
+if [ "$smoke" = 1 ]; then check=(--no-tests); else check=(); fi
+step check "${limits[4]}" gpu_check.py "${check[@]}"  # every strategy prepare+generate, CUDA sync tests
 echo "tables in $out_dir (summary: $summary)"
 exit $failed

@@ -93,22 +93,113 @@ def test_batched_results_equal_per_image_results(images, allocator, selector):
             assert all(torch.equal(a, b) for a, b in zip(direct.indices, got.selection.indices))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_no_host_sync_on_cuda(images):
-    pipe = tp.Pipeline(allocator="equal", selector="cls_final", budget=0.2)
-    layout, seed = images[0]
-    layout = tp.Layout(layout.tokens_per_side, layout.tiles, layout.has_thumbnail, layout.valid.cuda(),
-                       layout.overlap.cuda() if layout.overlap is not None else None)
-    cpu = _signals(pipe, layout, seed)
-    signals = tp.Signals(cls_attention={k: v.cuda() for k, v in cpu.cls_attention.items()}, num_layers=cpu.num_layers)
-    pipe.apply(layout, signals)
+# --------------------------------------------------------------------------- CUDA (skipped without)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+#: Pipelines that must make no host sync at all on CUDA: exact allocator, fixed counts.
+SYNC_FREE = [("equal", s) for s in ("cls_final", "hero", "hero@reference", "prumerge", "prumerge_plus", "spatial",
+                                    "dart", "attention_received")]
+#: Adaptive pipelines (the HiRED / HERO allocators apportion on the host; the reference
+#: PruMerge presets choose their own counts): at most one sync per batch.
+ONE_SYNC = [("hired", "cls_final"), ("hero", "hero"), ("hired@reference", "cls_final"),
+            ("hero@reference", "prumerge_plus"), ("equal", "prumerge@reference"), ("equal", "prumerge_plus@reference")]
+
+
+def _on_cuda(layouts: list[tp.Layout], signals: list[tp.Signals]) -> tuple[list[tp.Layout], list[tp.Signals]]:
+    import dataclasses
+
+    def move(value):  # type: ignore[no-untyped-def]
+        if isinstance(value, torch.Tensor):
+            return value.cuda()
+        if isinstance(value, dict) or hasattr(value, "items"):
+            return {key: move(item) for key, item in value.items()}
+        return value
+
+    def layout(item: tp.Layout) -> tp.Layout:
+        changes = {f.name: move(getattr(item, f.name)) for f in dataclasses.fields(item) if f.init}
+        return dataclasses.replace(item, **changes)
+
+    def signal(item: tp.Signals) -> tp.Signals:
+        changes = {f.name: move(getattr(item, f.name)) for f in dataclasses.fields(item) if f.init}
+        return dataclasses.replace(item, **changes)
+
+    return [layout(item) for item in layouts], [signal(item) for item in signals]
+
+
+def _cuda_batch(pipe: tp.Pipeline, images) -> tuple[list[tp.Layout], list[tp.Signals]]:  # type: ignore[no-untyped-def]
+    layouts = [layout for layout, _ in images[:4]]
+    signals = [_signals(pipe, layout, seed) for layout, seed in images[:4]]
+    return _on_cuda(layouts, signals)
+
+
+def _syncs(fn) -> int:  # type: ignore[no-untyped-def]
+    """How many synchronising CUDA calls ``fn`` makes: torch warns once per call in "warn" mode."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+@needs_cuda
+@pytest.mark.parametrize("allocator,selector", SYNC_FREE)
+def test_no_host_sync_on_cuda(images, allocator, selector):
+    pipe = tp.Pipeline(allocator=allocator, selector=selector, budget=0.2)
+    layouts, signals = _cuda_batch(pipe, images)
+    pipe.apply_batch(layouts, signals)  # warm lazy caches (device tables)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
+    try:
+        with tp.validation(False):
+            pipe.apply(layouts[0], signals[0])
+            pipe.apply_batch(layouts, signals)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda
+@pytest.mark.parametrize("allocator,selector", ONE_SYNC)
+def test_adaptive_pipelines_sync_at_most_once_per_batch_on_cuda(images, allocator, selector):
+    pipe = tp.Pipeline(allocator=allocator, selector=selector, budget=0.2)
+    layouts, signals = _cuda_batch(pipe, images)
+    pipe.apply_batch(layouts, signals)  # warm
+    with tp.validation(False):
+        batch = _syncs(lambda: pipe.apply_batch(layouts, signals))
+        one = _syncs(lambda: pipe.apply(layouts[0], signals[0]))
+    assert batch <= 1 and one <= 1, (batch, one)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_hf_clip_tap_capture_has_no_host_sync_on_cuda(hf_vision_tower, dtype):
+    from tokenprune.adapters.taps import tap_for
+
+    tower = hf_vision_tower().to("cuda", dtype)
+    pixels = torch.randn(5, 3, 32, 32, device="cuda", dtype=dtype)
+    tap = tap_for(tower)
+    needs = tp.Needs(cls_attention={0, -1}, wide_cls_attention={-1}, cls_embedding={-1}, keys={-1})
+
+    def run() -> torch.Tensor:
+        with torch.inference_mode(), tap.capture(needs, feature_layer=-2) as record:
+            tower(pixel_values=pixels)
+        return record.signals().cls_attention[0]
+
+    expected = run()  # warm: the per-geometry scale matrix is built on the device once
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         with tp.validation(False):
-            pipe.apply(layout, signals)
+            got = run()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("selector", ["prumerge", "prumerge_plus", "prumerge@reference", "prumerge_plus@reference"])

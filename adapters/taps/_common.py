@@ -25,7 +25,7 @@ import weakref
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -224,31 +224,45 @@ class TapRecord:
 
 
 @functools.lru_cache(maxsize=64)
-def _spread(heads: int, width: int, scale: float, per_head: bool, wide: bool, device: torch.device) -> torch.Tensor:
-    """``[H', H]``: ``scale`` on the diagonal (one row per head), then a row of ``width ** -0.5`` if ``wide``.
+def _spread(heads: int, width: int, scale: float, per_head: bool, wide: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[H', H]`` float32: ``scale`` on the diagonal (one row per head), then a row of
+    ``width ** -0.5`` if ``wide``; and the same as a ``[H', H, 1]`` view.
 
-    Cached per tower geometry and device, so a capture builds nothing on the device.
+    Built on ``device`` (no host->device copy, which would be a sync on CUDA) and cached per
+    tower geometry and device, so a capture builds nothing.
     """
     rows = []
     if per_head:
-        rows.append(torch.eye(heads, dtype=torch.float32) * scale)
+        rows.append(torch.eye(heads, dtype=torch.float32, device=device) * scale)
     if wide:
-        rows.append(torch.full((1, heads), width**-0.5, dtype=torch.float32))
-    return torch.cat(rows).to(device)
+        rows.append(torch.full((1, heads), width**-0.5, dtype=torch.float32, device=device))
+    spread = rows[0] if len(rows) == 1 else torch.cat(rows)
+    return spread, spread.unsqueeze(-1)
 
 
 class _LayerAttention:
     """Joins one block's CLS query and keys (in whichever order they arrive) into signals.
 
     Cheap by construction, because on a GPU the tower is close to launch-bound and every
-    extra kernel or host round trip in a hook stalls it: no host reads, no shape checks that
-    touch values, and the per-head rows and the wide row of a block come from ONE batched
-    matmul and ONE softmax. The query is spread into a block-diagonal ``[B, H', D]`` matrix
-    (one row per head, holding that head's query times its softmax scale, plus one row of the
-    whole query times ``width ** -0.5`` when the wide row is asked for), so its product with
-    the keys ``[B, D, L]`` is every head's logits at once, read straight from the keys the
-    tower produced (no transposed copy whether they come token-major or head-major).
+    extra operator or host round trip in a hook stalls it: no host reads, no autograd or
+    grad-mode switches, no shape checks that touch values, and the per-head rows and the
+    wide row of a block come from ONE batched matmul (``bmm`` directly, not ``matmul``'s
+    expand/reshape wrappers) and ONE softmax.
+
+    * Token-major keys (transformers, MultiheadAttention): the query is spread into a
+      block-diagonal ``[B, H', D]`` matrix (one row per head, holding that head's query
+      times its softmax scale, plus one row of the whole query times ``width ** -0.5`` when
+      the wide row is asked for), so its product with the keys ``[B, D, L]`` (a transposed
+      view, no copy) is every head's logits at once.
+    * Head-major keys (timm, open_clip ``Attention``): one ``bmm`` of the CLS query against
+      each head's keys ``[B*H, hd, L]`` (a view), then the ``[H', H]`` spread (scales and the
+      wide row) as a second ``bmm``.
+
+    In float32 the casts are no-ops; in half precision q and k are cast to float32 once
+    (logits and softmax in float32 whatever the tower's dtype).
     """
+
+    __slots__ = ("record", "layer", "per_head", "wide", "keys", "prefix", "head_scale", "_query", "_key")
 
     def __init__(
         self,
@@ -277,7 +291,8 @@ class _LayerAttention:
 
     def on_query(self, query: torch.Tensor) -> None:
         self._query = query.detach() if query.requires_grad else query
-        self._maybe_compute()
+        if self._key is not None:
+            self._compute()
 
     def on_key(self, key: torch.Tensor) -> None:
         if key.requires_grad:
@@ -286,40 +301,56 @@ class _LayerAttention:
             batch, length, heads, head_dim = key.shape
             # A view when the tower's keys are token-major (no copy); a copy when head-major.
             self.record._add("keys", self.layer, key[:, self.prefix :].reshape(batch, length - self.prefix, heads * head_dim))
-        if self.needs_query:
+        if self.per_head or self.wide:
             self._key = key
-            self._maybe_compute()
+            if self._query is not None:
+                self._compute()
 
-    def _maybe_compute(self) -> None:
-        if self._query is None or self._key is None:
-            return
+    def _compute(self) -> None:
         query, key = self._query, self._key
         self._query = self._key = None
+        assert query is not None and key is not None
         batch, length, heads, head_dim = key.shape
         if query.shape != (batch, heads, head_dim):
             raise ContractError(
                 f"tap of block {self.layer}: CLS query {tuple(query.shape)} does not fit keys "
                 f"{tuple(key.shape)} (expected [B, H, hd] and [B, L, H, hd])"
             )
-        width = heads * head_dim
-        with torch.no_grad():
-            # float32 logits and softmax whatever the tower's dtype (.float() is free in float32).
-            spread = _spread(heads, width, self.head_scale, self.per_head, self.wide, key.device)  # [H', H]
+        spread, spread3 = _spread(heads, heads * head_dim, self.head_scale, self.per_head, self.wide, key.device)
+        if query.dtype != torch.float32:
             query = query.float()
-            if not key.is_contiguous() and key.transpose(1, 2).is_contiguous():  # head-major (timm, open_clip)
-                dots = torch.matmul(query.unsqueeze(2), key.transpose(1, 2).float().transpose(2, 3))  # [B, H, 1, L]
-                logits = torch.matmul(spread, dots.squeeze(2))  # [B, H', L]
-            else:  # token-major keys (transformers, MultiheadAttention): one bmm over [B, D, L]
-                rows = (spread[:, :, None] * query.unsqueeze(1)).reshape(batch, -1, width)  # [B, H', D]
-                logits = torch.matmul(rows, key.reshape(batch, length, width).float().transpose(1, 2))
-            attention = torch.softmax(logits, dim=-1)[..., self.prefix :]  # [B, H', N]
-            if self.per_head:
-                self.record._add("cls_attention", self.layer, attention[:, :heads])
-            if self.wide:
-                self.record._add("wide_cls_attention", self.layer, attention[:, -1:])
+        if key.dtype != torch.float32:
+            key = key.float()  # keeps the strides: head-major stays head-major
+        # Head-major: [B, L, H, hd] is a transposed view of a contiguous [B, H, L, hd] (timm,
+        # open_clip Attention). Read from the strides (metadata, no operator dispatched).
+        if not key.is_contiguous() and key.stride()[1:] == (head_dim, length * head_dim, 1) and length > 1:
+            by_head = key.transpose(1, 2).view(batch * heads, length, head_dim)
+            dots = torch.bmm(query.reshape(batch * heads, 1, head_dim), by_head.transpose(1, 2))  # [B*H, 1, L]
+            logits = torch.bmm(spread.expand(batch, -1, -1), dots.view(batch, heads, length))  # [B, H', L]
+        else:  # token-major (transformers, MultiheadAttention): one bmm over [B, D, L]
+            rows = (spread3 * query.unsqueeze(1)).view(batch, -1, heads * head_dim)  # [B, H', D]
+            logits = torch.bmm(rows, key.reshape(batch, length, heads * head_dim).transpose(1, 2))
+        attention = torch.softmax(logits, dim=-1)  # [B, H', L]
+        prefix = self.prefix
+        if self.per_head and self.wide:
+            self.record._add("cls_attention", self.layer, attention[:, :heads, prefix:])
+            self.record._add("wide_cls_attention", self.layer, attention[:, heads:, prefix:])
+        else:
+            self.record._add("wide_cls_attention" if self.wide else "cls_attention", self.layer, attention[..., prefix:])
 
 
 # --------------------------------------------------------------------------- the tap
+
+class _Plan(NamedTuple):
+    """The hooks one (needs, feature_layer) pair asks for, layers resolved."""
+
+    needs: Needs
+    feature_layer: int | None
+    #: (layer, per-head rows, wide row, keys, softmax scale) per block with a q/k hook.
+    attention: tuple[tuple[int, bool, bool, bool, float], ...]
+    #: (layer, CLS embedding, features) per block with an output hook.
+    blocks: tuple[tuple[int, bool, bool], ...]
+
 
 class CaptureBusyError(TokenpruneError, RuntimeError):
     """A tower is captured twice at once (nested or concurrent ``tap.capture``)."""
@@ -359,6 +390,8 @@ class HookTap(AttentionTap):
     def __init__(self, tower: nn.Module, core: nn.Module) -> None:
         self.tower = tower
         self.core = core
+        # (needs, feature_layer) -> what to hook: resolved once per tap, not on every capture.
+        self._plans: dict[tuple[Needs, int | None], _Plan] = {}
 
     @classmethod
     def _core_or_refuse(cls, tower: nn.Module, kind: str) -> nn.Module:
@@ -431,40 +464,47 @@ class HookTap(AttentionTap):
                 needs (CLS signals on a tower without CLS, a layer out of range).
             CaptureBusyError: when this tower is already being captured.
         """
-        resolved = check_needs(self, needs, f"tap.capture({needs.describe()})")
-        feature = resolve_feature_layer(feature_layer, self.num_layers, self.tower_name)
-        record = TapRecord(resolved, feature, self.num_layers, self.tower_name)
+        plan = self._plan(needs, feature_layer)
+        record = TapRecord(plan.needs, plan.feature_layer, self.num_layers, self.tower_name)
         with _exclusive(self.core, self.tower_name):
             handles: list[RemovableHandle] = []
             try:
-                self._install(resolved, feature, record, handles)
+                self._install(plan, record, handles)
                 yield record
             finally:
                 for handle in handles:
                     handle.remove()
 
-    def _install(
-        self, needs: Needs, feature_layer: int | None, record: TapRecord, handles: list[RemovableHandle]
-    ) -> None:
-        attention_layers = needs.cls_attention | needs.wide_cls_attention | needs.keys
-        for layer in sorted(attention_layers):
+    def _plan(self, needs: Needs, feature_layer: int | None) -> _Plan:
+        """What ``capture(needs, feature_layer)`` hooks; checked and resolved once per tap."""
+        key = (needs, feature_layer)
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        resolved = check_needs(self, needs, f"tap.capture({needs.describe()})")
+        feature = resolve_feature_layer(feature_layer, self.num_layers, self.tower_name)
+        attention = tuple(
+            (layer, layer in resolved.cls_attention, layer in resolved.wide_cls_attention, layer in resolved.keys,
+             self._head_scale(layer))
+            for layer in sorted(resolved.cls_attention | resolved.wide_cls_attention | resolved.keys)
+        )
+        block_layers = set(resolved.cls_embedding) | ({feature} if feature is not None else set())
+        blocks = tuple((layer, layer in resolved.cls_embedding, layer == feature) for layer in sorted(block_layers))
+        plan = _Plan(resolved, feature, attention, blocks)
+        if len(self._plans) >= 64:
+            self._plans.clear()
+        self._plans[key] = plan
+        return plan
+
+    def _install(self, plan: _Plan, record: TapRecord, handles: list[RemovableHandle]) -> None:
+        prefix = self.prefix_tokens
+        for layer, per_head, wide, keys, scale in plan.attention:
             joiner = _LayerAttention(
-                record,
-                layer,
-                per_head=layer in needs.cls_attention,
-                wide=layer in needs.wide_cls_attention,
-                keys=layer in needs.keys,
-                prefix_tokens=self.prefix_tokens,
-                head_scale=self._head_scale(layer),
+                record, layer, per_head=per_head, wide=wide, keys=keys, prefix_tokens=prefix, head_scale=scale
             )
-            on_query = joiner.on_query if joiner.needs_query else None
-            handles.extend(self._hook_query_key(layer, on_query, joiner.on_key))
-        block_layers = set(needs.cls_embedding)
-        if feature_layer is not None:
-            block_layers.add(feature_layer)
-        for layer in sorted(block_layers):
-            hook = self._block_hook(record, layer, layer in needs.cls_embedding, layer == feature_layer)
-            handles.append(self.blocks[layer].register_forward_hook(hook))
+            handles.extend(self._hook_query_key(layer, joiner.on_query if per_head or wide else None, joiner.on_key))
+        for layer, cls_embedding, features in plan.blocks:
+            handles.append(self.blocks[layer].register_forward_hook(self._block_hook(record, layer, cls_embedding, features)))
 
     def _block_hook(
         self, record: TapRecord, layer: int, cls_embedding: bool, features: bool

@@ -113,25 +113,29 @@ class OpenClipVitTap(HookTap):
     @staticmethod
     def _mha_pre_hook(attn: nn.MultiheadAttention, on_query: QueryHook | None, on_key: KeyHook) -> Any:
         heads, head_dim, width = attn.num_heads, attn.head_dim, attn.embed_dim
+        # The q/k weight and bias slices, taken once per capture (views of the module's own
+        # parameters, outside autograd), not on every forward.
+        with torch.no_grad():
+            if attn._qkv_same_embed_dim:
+                q_weight, k_weight = attn.in_proj_weight[:width], attn.in_proj_weight[width : 2 * width]
+            else:
+                q_weight, k_weight = attn.q_proj_weight, attn.k_proj_weight
+            bias = attn.in_proj_bias
+            q_bias = None if bias is None else bias[:width]
+            k_bias = None if bias is None else bias[width : 2 * width]
+        batch_first = attn.batch_first
 
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             query = args[0] if args else kwargs["query"]
             key = args[1] if len(args) > 1 else kwargs.get("key", query)
-            if not module.batch_first:  # [L, B, D] -> [B, L, D]
+            if not batch_first:  # [L, B, D] -> [B, L, D]
                 query, key = query.transpose(0, 1), key.transpose(0, 1)
-            if module._qkv_same_embed_dim:
-                q_weight, k_weight = module.in_proj_weight[:width], module.in_proj_weight[width : 2 * width]
-            else:
-                q_weight, k_weight = module.q_proj_weight, module.k_proj_weight
-            bias = module.in_proj_bias
-            q_bias = None if bias is None else bias[:width]
-            k_bias = None if bias is None else bias[width : 2 * width]
             with torch.no_grad():
                 if on_query is not None:
                     cls_query = F.linear(query[:, 0], q_weight, q_bias)
-                    on_query(cls_query.reshape(cls_query.shape[0], heads, head_dim))
+                    on_query(cls_query.view(cls_query.shape[0], heads, head_dim))
                 keys = F.linear(key, k_weight, k_bias)
-                on_key(keys.reshape(keys.shape[0], keys.shape[1], heads, head_dim))
+                on_key(keys.view(keys.shape[0], keys.shape[1], heads, head_dim))
             return None
 
         return hook

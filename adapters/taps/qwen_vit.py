@@ -66,6 +66,9 @@ class QwenTapRecord:
         self.tower_name = tower_name
         self.grid_thw: torch.Tensor | None = None
         self._order: torch.Tensor | None = None  # merged raster index of each permuted merge unit
+        self._counts: list[int] = []  # merged tokens per image (host ints, from the one grid read)
+        self._divisor: torch.Tensor | None = None  # per merge unit (block order): its image's patch count
+        self._longest: dict[int, tuple[torch.Tensor, int]] = {}  # id(cu_seqlens) -> (it, longest segment)
         self._features: torch.Tensor | None = None
         self._received: dict[int, torch.Tensor] = {}
         self._keys: dict[int, torch.Tensor] = {}
@@ -73,8 +76,8 @@ class QwenTapRecord:
     @property
     def merged_counts(self) -> list[int]:
         """Merged (LLM) tokens per image."""
-        grid = self._grid()
-        return (grid.prod(dim=-1) // self.merge**2).tolist()
+        self._grid()
+        return list(self._counts)
 
     def merged_grids(self) -> list[tuple[int, int, int]]:
         """``(t, rows, cols)`` of each image's merged grid."""
@@ -209,8 +212,21 @@ class QwenVisionTap(AttentionTap):
                 raise SignalError(
                     f"the {self.tower_name} tower ran twice inside one capture; run all images in one forward"
                 )
-            record.grid_thw = grid.detach().to(torch.int64).cpu()
-            record._order = self._merged_order(grid, kwargs).to(grid.device)
+            # The capture's one read of the grid (none when it is on the host, as processors
+            # give it; the tower itself reads it many times). Everything else is derived from it.
+            host = grid.detach().to(device="cpu", dtype=torch.int64)
+            record.grid_thw = host
+            rows = host.tolist()
+            unit = self.merge**2
+            patches = [t * h * w for t, h, w in rows]
+            record._counts = [count // unit for count in patches]
+            device = next((p.device for p in module.parameters()), grid.device)
+            order = self._merged_order(host, sum(record._counts), kwargs)
+            divisor = torch.cat(  # one op per image, on the host
+                [torch.full((count,), float(patch)) for patch, count in zip(patches, record._counts)]
+            )[order.cpu()]
+            record._order = _to_device(order, device)
+            record._divisor = _to_device(divisor, device)
 
         return hook
 
@@ -221,9 +237,9 @@ class QwenVisionTap(AttentionTap):
 
         return hook
 
-    def _merged_order(self, grid: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-        """Merged raster index of each merge unit in the order the blocks see them."""
-        total = int((grid.prod(dim=-1) // self.merge**2).sum())
+    def _merged_order(self, grid: torch.Tensor, total: int, kwargs: dict[str, Any]) -> torch.Tensor:
+        """Merged raster index of each merge unit in the order the blocks see them (host
+        ``grid``; the window index is computed on the host too)."""
         if not self.windowed:
             return torch.arange(total)
         window_index = kwargs.get("window_index")
@@ -251,6 +267,7 @@ class QwenVisionTap(AttentionTap):
 
         def attn_pre_hook(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
             context["cu_seqlens"] = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
+            context["max_seqlen"] = kwargs.get("max_seqlen")
             context["rotary"] = kwargs.get("position_embeddings", args[2] if len(args) > 2 else None)
 
         def qkv_hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
@@ -264,9 +281,12 @@ class QwenVisionTap(AttentionTap):
                 units = key.reshape(length // self.merge**2, -1)
                 record._keys[layer] = _to_raster(units, order)
             if received:
-                per_patch = _received_attention(query, key, context.pop("cu_seqlens"), scale)  # [H, L]
+                cu_seqlens = context.pop("cu_seqlens")
+                longest = _longest(record, cu_seqlens, context.pop("max_seqlen", None))
+                per_patch = _received_attention(query, key, cu_seqlens, longest, scale)  # [H, L]
                 per_unit = per_patch.view(heads, length // self.merge**2, self.merge**2).sum(dim=-1)
-                per_unit = per_unit / _patches_per_image(record, order.device)[None]
+                assert record._divisor is not None
+                per_unit = per_unit / record._divisor[None]
                 record._received[layer] = _to_raster(per_unit.T, order).T.contiguous()
 
         return [
@@ -282,27 +302,41 @@ def _to_raster(units: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _patches_per_image(record: QwenTapRecord, device: torch.device) -> torch.Tensor:
-    """Per merge unit (block order), the patch count of its image: the received mean's divisor."""
-    grid = record._grid()
-    patches = grid.prod(dim=-1)
-    per_unit_raster = torch.repeat_interleave(patches, patches // record.merge**2).to(device)
-    order = record._order
-    assert order is not None
-    return per_unit_raster[order.to(device)].to(torch.float32)
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without a blocking copy (a blocking host->device copy syncs)."""
+    if tensor.device == device:
+        return tensor
+    return tensor.to(device, non_blocking=True)
 
 
-def _received_attention(query: torch.Tensor, key: torch.Tensor, cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
+def _longest(record: QwenTapRecord, cu_seqlens: torch.Tensor, max_seqlen: Any) -> int:
+    """The longest segment of ``cu_seqlens``: the tower's own ``max_seqlen`` when it passes an
+    int, else one read per distinct ``cu_seqlens`` tensor per capture (the tower passes the
+    same one to every full-attention block, and one to every windowed block)."""
+    if isinstance(max_seqlen, int):
+        return max_seqlen
+    cached = record._longest.get(id(cu_seqlens))
+    if cached is not None and cached[0] is cu_seqlens:
+        return cached[1]
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    record._longest[id(cu_seqlens)] = (cu_seqlens, longest)
+    return longest
+
+
+def _received_attention(
+    query: torch.Tensor, key: torch.Tensor, cu_seqlens: torch.Tensor, longest: int, scale: float
+) -> torch.Tensor:
     """``[H, L]`` float32: per key, the softmax attention its segment's queries give it, summed.
 
-    Segments (``cu_seqlens``) are padded into one ``[S, T]`` batch; queries are processed in
-    chunks so that no more than ``_CHUNK_ELEMENTS`` scores exist at once.
+    Segments (``cu_seqlens``) are padded into one ``[S, T]`` batch (``T`` = ``longest``);
+    queries are processed in chunks so that no more than ``_CHUNK_ELEMENTS`` scores exist at
+    once. No host read: the padded scores go back to the tokens by a gather index, not a mask.
     """
     length, heads, _ = key.shape
     device = key.device
     bounds = cu_seqlens.to(device=device, dtype=torch.int64)
     lengths = bounds[1:] - bounds[:-1]
-    segments, longest = int(lengths.numel()), int(lengths.max())
+    segments = int(lengths.shape[0])
     slots = torch.arange(longest, device=device)
     inside = slots[None] < lengths[:, None]  # [S, T]
     index = (bounds[:-1, None] + slots[None]).clamp(max=length - 1)
@@ -315,6 +349,8 @@ def _received_attention(query: torch.Tensor, key: torch.Tensor, cu_seqlens: torc
         scores = torch.einsum("sqhd,skhd->shqk", q[:, start : start + chunk], k) * scale + key_bias
         weights = torch.softmax(scores, dim=-1) * inside[:, None, start : start + chunk, None]
         total += weights.sum(dim=2)
-    out = torch.zeros(heads, length, device=device)
-    out[:, index[inside]] = total.permute(1, 0, 2)[:, inside]
-    return out
+    # Token t of segment s sits at slot t - bounds[s] of row s: gather it from the padded rows.
+    tokens = torch.arange(length, device=device)
+    segment = torch.bucketize(tokens, bounds[1:], right=True)  # [L]
+    position = segment * longest + tokens - bounds[segment]
+    return total.permute(1, 0, 2).reshape(heads, segments * longest)[:, position]
