@@ -228,6 +228,13 @@ class Qwen2_5_VLAdapter(VLMAdapter):
     processor_classes = ("Qwen2_5_VLProcessor", "Qwen2VLProcessor")
 
     # ------------------------------------------------------------------ checks
+    @staticmethod
+    def generate_refusal(model_class: Any) -> str | None:
+        """Why ``prepare`` / ``attach`` refuse ``model_class``'s generate, or None (``tokenprune doctor``)."""
+        if generate_extends_positions(model_class):
+            return None
+        return "its generate does not extend explicit M-RoPE position_ids; the Qwen adapters need transformers >= 5.2"
+
     def check_parts(self, allocator: BudgetAllocator, selector: Selector) -> None:
         from tokenprune.adapters.taps import check_needs
 
