@@ -65,6 +65,7 @@ __all__ = [
     "Qwen2VLAdapter",
     "Qwen2_5_VLAdapter",
     "QwenPartitioner",
+    "generate_extends_positions",
     "merged_layout",
     "prune_sequence",
     "stock_positions",
@@ -227,6 +228,13 @@ class Qwen2_5_VLAdapter(VLMAdapter):
     processor_classes = ("Qwen2_5_VLProcessor", "Qwen2VLProcessor")
 
     # ------------------------------------------------------------------ checks
+    @staticmethod
+    def generate_refusal(model_class: Any) -> str | None:
+        """Why ``prepare`` / ``attach`` refuse ``model_class``'s generate, or None (``tokenprune doctor``)."""
+        if generate_extends_positions(model_class):
+            return None
+        return "its generate does not extend explicit M-RoPE position_ids; the Qwen adapters need transformers >= 5.2"
+
     def check_parts(self, allocator: BudgetAllocator, selector: Selector) -> None:
         from tokenprune.adapters.taps import check_needs
 
@@ -378,6 +386,7 @@ class Qwen2_5_VLAdapter(VLMAdapter):
                 "prunes images only (video inputs are not supported yet)"
             )
         image_list, texts, counts = images_and_texts(images, text, processor.image_token)
+        _check_generate_positions(model)
         self._tap(pipeline, model)  # strategy/tower checks before the processor or tower runs
         try:
             inputs = processor.image_processor(image_list, return_tensors="pt")
@@ -450,6 +459,13 @@ class Qwen2_5_VLAdapter(VLMAdapter):
         """
         self.check_model(model, processor)
         LlavaFamilyAdapter._require_fixed(self, pipeline)  # type: ignore[arg-type]
+        _check_generate_positions(model)
+        if not hasattr(processor, "replace_image_token"):  # transformers < 5.10
+            raise IncompatibleError(
+                f"Pipeline.attach cannot set the image-token count of this transformers version's "
+                f"{type(processor).__name__} (it has no replace_image_token: it expands image tokens inline); "
+                "use Pipeline.prepare(model, processor, images=..., text=...) and model.generate(**inputs)"
+            )
         self._tap(pipeline, model)
         adapter = self
         merge = model.config.vision_config.spatial_merge_size
@@ -524,6 +540,30 @@ class Qwen2_5_VLAdapter(VLMAdapter):
 @dataclass(frozen=True)
 class Qwen2VLAdapter(Qwen2_5_VLAdapter):
     """Qwen2-VL (alias of ``qwen2_5_vl``: the same code serves both families)."""
+
+
+def generate_extends_positions(model: Any) -> bool:
+    """Whether ``model.generate`` (a model or its class) carries explicit ``position_ids``,
+    extending them by one per new token: what the pruned Qwen prompt needs.
+
+    Before transformers 5.2, ``generate`` neither builds nor extends ``position_ids`` (it
+    slices the given ones along the batch axis) and the Qwen models recompute positions from
+    a full image grid, which a pruned prompt no longer holds; 5.2 brought both, and with them
+    ``_prepare_position_ids_for_generation``, which this looks for.
+    """
+    return hasattr(model, "_prepare_position_ids_for_generation")
+
+
+def _check_generate_positions(model: Any) -> None:
+    """Refuse a ``generate`` that cannot carry the stock M-RoPE positions of a pruned prompt."""
+    if not generate_extends_positions(model):
+        import transformers
+
+        raise IncompatibleError(
+            f"{type(model).__name__}.generate of transformers {transformers.__version__} cannot take the "
+            "explicit M-RoPE position_ids of a pruned Qwen prompt (its generate does not extend them); "
+            "the Qwen adapters need transformers >= 5.2"
+        )
 
 
 def _size_of(image: Any) -> tuple[int, int] | None:

@@ -323,7 +323,7 @@ def test_hero_with_a_clip_scorer_reuses_the_tower_cls(next_model, tmp_path_facto
 
     from tokenprune.adapters.relevance import HFClipScorer
 
-    from .test_relevance import _clip_config, _tiny_vocab
+    from .test_relevance import _clip_config, _clip_tokenizer, _tiny_vocab
 
     model, processor = next_model
     folder = tmp_path_factory.mktemp("clip_tokenizer")
@@ -332,7 +332,7 @@ def test_hero_with_a_clip_scorer_reuses_the_tower_cls(next_model, tmp_path_facto
 
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tokenizer = transformers.CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
+    tokenizer = _clip_tokenizer(folder)
     tower = model.model.vision_tower
     clip = transformers.CLIPModel(
         transformers.CLIPConfig(

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from PIL import Image
+from tokenprune.adapters import qwen2_5_vl as qwen_adapter
+from tokenprune.adapters.qwen2_5_vl import generate_extends_positions
 from tokenprune.adapters.taps import QwenVisionTap, tap_for
 
 import tokenprune as tp
@@ -20,6 +23,21 @@ pytestmark = pytest.mark.compat  # also run against every supported transformers
 
 FAMILIES = {"qwen2_5_vl": tiny_qwen2_5_vl, "qwen2_vl": tiny_qwen2_vl}
 NEW_TOKENS = 4
+
+# The Qwen adapters hand generate explicit M-RoPE position_ids; generate extends them per new
+# token only from transformers 5.2 (which brought _prepare_position_ids_for_generation). Below,
+# prepare and attach refuse (test_a_generate_that_cannot_carry_positions_is_refused).
+needs_positions = pytest.mark.skipif(
+    not generate_extends_positions(transformers.Qwen2_5_VLForConditionalGeneration),
+    reason=f"transformers {transformers.__version__}: generate does not extend explicit position_ids "
+    "(needs >= 5.2); the Qwen adapters refuse it",
+)
+# attach sets the count through the processor's replace_image_token (transformers >= 5.10)
+needs_replace_image_token = pytest.mark.skipif(
+    not hasattr(transformers.Qwen2_5_VLProcessor, "replace_image_token"),
+    reason=f"transformers {transformers.__version__}: Qwen2_5_VLProcessor has no replace_image_token "
+    "(needs >= 5.10); attach refuses it",
+)
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -120,6 +138,7 @@ def _stock_and_dart_runs(family, budget):
     return pipe, stock, _pruned_run(pipe, model, processor, images, [text])
 
 
+@needs_positions
 def test_budget_one_feeds_the_llm_exactly_the_stock_input(family):
     _, (stock_inputs, stock_calls, stock_tokens), (inputs, calls, tokens) = _stock_and_dart_runs(family, 1.0)
     assert torch.equal(inputs["input_ids"], stock_inputs["input_ids"])
@@ -129,6 +148,7 @@ def test_budget_one_feeds_the_llm_exactly_the_stock_input(family):
         assert torch.equal(embeds, stock_embeds)
 
 
+@needs_positions
 def test_pruned_tokens_keep_their_stock_positions_two_images_of_different_sizes(family):
     _, model, _ = family
     pipe, (stock_inputs, stock_calls, _), (inputs, calls, _) = _stock_and_dart_runs(family, 0.25)
@@ -144,6 +164,7 @@ def test_pruned_tokens_keep_their_stock_positions_two_images_of_different_sizes(
     assert torch.equal(calls[0][1][1:, 0, -1], stock_calls[0][1][1:, 0, -1])
 
 
+@needs_positions
 def test_a_batch_of_two_prompts_keeps_every_row_on_its_stock_positions(qwen25):
     model, processor = qwen25
     first, second = _prompt(processor, images=1, text="Colour?"), _prompt(processor, images=2, text="Which is larger, really?")
@@ -159,6 +180,7 @@ def test_a_batch_of_two_prompts_keeps_every_row_on_its_stock_positions(qwen25):
     assert prefill[0] == int(inputs["attention_mask"][0].sum()) and prefill[1] == prefill[2]
 
 
+@needs_positions
 def test_done_when_dart_prunes_a_real_qwen2_5_vl_through_its_generate(qwen25):
     model, processor = qwen25
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
@@ -192,6 +214,7 @@ def test_the_tap_refuses_cls_needs_before_hooking(qwen25):
     assert not model.model.visual._forward_pre_hooks
 
 
+@needs_positions
 @pytest.mark.parametrize("selector", ["spatial", {"name": "spatial", "mode": "pool"}, "attention_received", "dart"])
 def test_selectors_that_need_no_cls_run_on_qwen(qwen25, selector):
     model, processor = qwen25
@@ -245,9 +268,12 @@ def _to_raster(name, tower, grid, per_unit):
     """Columns of ``per_unit`` (one per merge unit, block order) in merged raster order."""
     if name != "qwen2_5_vl":
         return per_unit
-    from transformers.vision_utils import get_vision_window_index
+    if hasattr(tower, "get_window_index"):  # before transformers 5.x moved it to vision_utils
+        order = tower.get_window_index(grid)[0]
+    else:
+        from transformers.vision_utils import get_vision_window_index
 
-    order = get_vision_window_index(grid, 2, tower.window_size, tower.patch_size)[0]
+        order = get_vision_window_index(grid, 2, tower.window_size, tower.patch_size)[0]
     raster = torch.empty_like(per_unit)
     raster[:, order] = per_unit
     return raster
@@ -269,7 +295,8 @@ def test_received_attention_matches_the_dense_map_in_raster_order(family):
         for image, (got, want) in enumerate(zip(record.received_attention(layer), expected)):
             torch.testing.assert_close(got, want / patches[image], rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(got.sum(-1), torch.ones(got.shape[0]), rtol=1e-4, atol=1e-5)
-    features = model.model.get_image_features(pixel_values, grid).pooler_output
+    features = model.model.get_image_features(pixel_values, grid)
+    features = getattr(features, "pooler_output", features)  # a tuple of tensors before 5.x
     assert all(torch.equal(a, b) for a, b in zip(record.features(), features))
 
 
@@ -332,6 +359,7 @@ def test_prepare_refuses_a_text_without_one_image_token_per_image(qwen25):
         pipe.prepare(model, processor, images=_images()[:1], text=_prompt(processor, images=1) + "<|video_pad|>")
 
 
+@needs_positions
 def test_run_on_a_saved_tiny_qwen_checkpoint(tmp_path, capsys):
     model, processor = tiny_qwen2_5_vl(seed=3)
     save_tiny(model, processor, tmp_path / "ckpt")
@@ -348,6 +376,8 @@ def test_run_on_a_saved_tiny_qwen_checkpoint(tmp_path, capsys):
     assert (tmp_path / "k.png").is_file()
 
 
+@needs_positions
+@needs_replace_image_token
 def test_attach_prunes_the_processor_and_generate_calls_of_a_harness(qwen25):
     model, processor = qwen25
     images, texts = [_noise(40, 90, 2), *_images()], [_prompt(processor, images=1), _prompt(processor)]
@@ -364,6 +394,31 @@ def test_attach_prunes_the_processor_and_generate_calls_of_a_harness(qwen25):
     assert "generate" not in model.__dict__ and "replace_image_token" not in processor.__dict__
     stock = processor(images=[images[1]], text=[_prompt(processor, images=1)], return_tensors="pt")
     assert int((stock["input_ids"] == model.config.image_token_id).sum()) == 8  # restored: stock count
+
+
+def test_a_generate_that_cannot_carry_positions_is_refused(qwen25, monkeypatch):
+    # what transformers < 5.2 looks like (on those it is the real state)
+    monkeypatch.setattr(qwen_adapter, "generate_extends_positions", lambda model: False)
+    model, processor = qwen25
+    pipe = tp.Pipeline(adapter="qwen2_5_vl", allocator="equal", selector="dart", budget=0.5)
+    with pytest.raises(tp.IncompatibleError, match=r"position_ids.*>= 5\.2"):
+        pipe.prepare(model, processor, images=_images(), text=_prompt(processor))
+    with pytest.raises(tp.IncompatibleError, match=r">= 5\.2"):
+        with pipe.attach(model, processor):
+            pass  # pragma: no cover
+
+
+@needs_positions
+def test_attach_refuses_a_processor_without_replace_image_token(qwen25, monkeypatch):
+    # what transformers < 5.10 looks like (on those it is the real state)
+    model, processor = qwen25
+    for cls in type(processor).__mro__:
+        if "replace_image_token" in vars(cls):
+            monkeypatch.delattr(cls, "replace_image_token")
+    pipe = tp.Pipeline(adapter="qwen2_5_vl", allocator="equal", selector="dart", budget=0.5)
+    with pytest.raises(tp.IncompatibleError, match="replace_image_token.*prepare"):
+        with pipe.attach(model, processor):
+            pass  # pragma: no cover
 
 
 def test_attach_needs_a_fixed_token_count(qwen25):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -63,9 +64,20 @@ def hf_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
     vocab, merges = _tiny_vocab()
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return transformers.CLIPTokenizer(
-        vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt")
-    )
+    return _clip_tokenizer(folder)
+
+
+def _clip_tokenizer(folder: Any) -> Any:
+    """The tiny CLIP tokenizer from ``folder``'s ``vocab.json`` and ``merges.txt``.
+
+    transformers 5 spells it ``CLIPTokenizer(vocab=..., merges=...)`` (one tokenizers-backed
+    class); 4.x's ``CLIPTokenizer`` is the slow one (``vocab_file``, ``merges_file``), its
+    tokenizers-backed twin ``CLIPTokenizerFast``.
+    """
+    vocab, merges = str(folder / "vocab.json"), str(folder / "merges.txt")
+    if "vocab_file" in inspect.signature(transformers.CLIPTokenizer.__init__).parameters:
+        return transformers.CLIPTokenizerFast(vocab_file=vocab, merges_file=merges)
+    return transformers.CLIPTokenizer(vocab=vocab, merges=merges)
 
 
 def _clip_config(
@@ -117,8 +129,13 @@ def hf_scorer(hf_clip: Any, hf_tokenizer: Any) -> HFClipScorer:
 def _hf_tower_copy(clip: Any) -> Any:
     """A separate CLIPVisionModel (a VLM's tower) holding copies of the CLIP's vision weights."""
     tower = transformers.CLIPVisionModel(clip.config.vision_config).eval()
-    getattr(tower, "vision_model", tower).load_state_dict(clip.vision_model.state_dict())
+    _core(tower).load_state_dict(clip.vision_model.state_dict())
     return tower
+
+
+def _core(tower: Any) -> Any:
+    """The module holding a ``CLIPVisionModel``'s layers: itself, or before transformers 5 its ``.vision_model``."""
+    return getattr(tower, "vision_model", tower)
 
 
 @torch.no_grad()
@@ -418,7 +435,7 @@ def test_hf_weight_comparison_is_cached_and_sees_in_place_edits(
     assert hf_scorer.last_path == REUSED_TOWER_CLS
     assert hf_scorer.weight_comparisons == 1  # the second call reused the decision
     with torch.no_grad():
-        tower.encoder.layers[1].mlp.fc1.weight[0, 0] += 1e-3  # one weight, in place
+        _core(tower).encoder.layers[1].mlp.fc1.weight[0, 0] += 1e-3  # one weight, in place
     hf_scorer.score(pixels, "cat", **kwargs)
     assert hf_scorer.last_path == SCORER_FORWARD
     assert "encoder.layers.1.mlp.fc1.weight" in (hf_scorer.last_reason or "")
@@ -430,7 +447,7 @@ def test_hf_perturbed_tower_takes_the_slow_path(
 ) -> None:
     tower = _hf_tower_copy(hf_clip)
     with torch.no_grad():
-        tower.pre_layrnorm.bias[3] += 1e-4
+        _core(tower).pre_layrnorm.bias[3] += 1e-4
     pixels = _pixels()
     out = _score(hf_scorer, pixels, "cat", tower=tower, tower_cls=_hf_raw_cls(tower, pixels))
     assert hf_scorer.last_path == SCORER_FORWARD and "pre_layrnorm.bias" in (
@@ -448,7 +465,7 @@ def test_post_layernorm_of_the_tower_does_not_matter(
     # The fast path uses the scorer's own head on the tower's raw CLS.
     tower = _hf_tower_copy(hf_clip)
     with torch.no_grad():
-        tower.post_layernorm.weight.mul_(3.0)
+        _core(tower).post_layernorm.weight.mul_(3.0)
     assert hf_scorer.match_tower(tower)
 
 
@@ -546,7 +563,7 @@ def test_fast_path_with_a_tiny_llava_next_tower(hf_tokenizer: Any) -> None:
     ).eval()
     clip.vision_model.load_state_dict(getattr(tower, "vision_model", tower).state_dict())
     scorer = HFClipScorer(clip, hf_tokenizer)
-    assert hf_vision_core(vlm) is tower
+    assert hf_vision_core(vlm) is _core(tower)
     image = torch.rand(3, 80, 120, generator=torch.Generator().manual_seed(5))
     pixel_values = processor.image_processor(
         images=[image], return_tensors="pt", do_rescale=False
@@ -798,7 +815,7 @@ def test_weight_stamp_sees_a_replaced_parameter(hf_scorer: HFClipScorer, hf_clip
     kwargs = {"pixel_mean": MEAN, "pixel_std": STD, "tower": tower, "tower_cls": _hf_raw_cls(tower, pixels)}
     hf_scorer.score(pixels, "cat", **kwargs)
     assert hf_scorer.last_path == REUSED_TOWER_CLS
-    fc1 = tower.encoder.layers[0].mlp.fc1
+    fc1 = _core(tower).encoder.layers[0].mlp.fc1
     fc1.weight = torch.nn.Parameter(fc1.weight.detach() + 1e-3)  # a new tensor, not an in-place edit
     hf_scorer.score(pixels, "cat", **kwargs)
     assert hf_scorer.last_path == SCORER_FORWARD and "encoder.layers.0.mlp.fc1.weight" in (hf_scorer.last_reason or "")

@@ -60,6 +60,7 @@ def _to_timm(hf: nn.Module) -> nn.Module:
         img_size=IMAGE, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS, mlp_ratio=4.0,
         pre_norm=True, class_token=True, act_layer="quick_gelu", norm_layer=nn.LayerNorm, num_classes=0,
     ).eval()
+    hf = getattr(hf, "vision_model", hf)  # transformers < 5: CLIPVisionModel wraps its transformer
     embeddings = hf.embeddings
     state = {
         "patch_embed.proj.weight": embeddings.patch_embedding.weight,
@@ -84,6 +85,7 @@ def _to_open_clip(hf: nn.Module) -> nn.Module:
         image_size=IMAGE, patch_size=PATCH, width=WIDTH, layers=DEPTH, heads=HEADS, mlp_ratio=4.0,
         act_layer=QuickGELU, output_dim=WIDTH,
     ).eval()
+    hf = getattr(hf, "vision_model", hf)  # transformers < 5: CLIPVisionModel wraps its transformer
     embeddings = hf.embeddings
     state = {
         "conv1.weight": embeddings.patch_embedding.weight,

@@ -38,7 +38,7 @@ def _device() -> dict[str, Any]:
     return {"type": "cuda", "name": torch.cuda.get_device_name(0), "cuda": torch.version.cuda, "count": torch.cuda.device_count()}
 
 
-def _model_class(name: str) -> dict[str, Any]:
+def _model_class(name: str, adapter: Any = None) -> dict[str, Any]:
     from .runtime import generate_path, tap_name
 
     try:
@@ -53,6 +53,11 @@ def _model_class(name: str) -> dict[str, Any]:
         path = generate_path(model_class)
     except IncompatibleError as error:
         path = f"none ({error})"
+    # an adapter may need more of generate than a path (Qwen: explicit position_ids)
+    refusal = getattr(adapter, "generate_refusal", None)
+    why = refusal(model_class) if refusal is not None else None
+    if why:
+        path = f"none ({why})"
     row: dict[str, Any] = {"available": True, "generate_path": path}
     try:
         row["tap"] = tap_name(model_class)
@@ -71,7 +76,7 @@ def report() -> dict[str, Any]:
     for name, entry in sorted(ADAPTERS.entries().items()):
         classes = getattr(entry.factory, "model_classes", ())
         if classes:  # VLM adapters; a bare-tower adapter has no model class
-            adapters[name] = {model_class: _model_class(model_class) for model_class in classes}
+            adapters[name] = {model_class: _model_class(model_class, entry.factory) for model_class in classes}
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -119,6 +119,7 @@ class HFClipScorer(ClipRelevanceScorer):
         tokenprune never downloads. Without an image-processor config the statistics
         default to OpenAI's CLIP normalisation.
         """
+        from huggingface_hub.errors import HFValidationError
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
         try:
@@ -128,7 +129,7 @@ class HFClipScorer(ClipRelevanceScorer):
             tokenizer = AutoTokenizer.from_pretrained(
                 name_or_path, local_files_only=True
             )
-        except OSError as error:
+        except (OSError, HFValidationError) as error:  # a missing local path is not a repo id either
             raise ConfigError(
                 f"could not load a CLIPModel and tokenizer from {name_or_path!r} without downloading "
                 f"({error}); download the checkpoint first and pass its directory"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -154,14 +155,17 @@ class OpenClipScorer(ClipRelevanceScorer):
                 f"{str(pretrained)!r} is not a file. Download it yourself and pass its path, or "
                 "pass None for random weights"
             )
+        # open_clip 3.x: load_weights, pretrained_text; 2.x: pretrained_hf (its HF text towers
+        # would otherwise fetch their weights)
+        wanted = {"load_weights": pretrained is not None, "pretrained_text": False, "pretrained_hf": False}
+        accepted = inspect.signature(open_clip.create_model).parameters
         model = open_clip.create_model(
             model_name,
             pretrained=None if pretrained is None else str(pretrained),
-            load_weights=pretrained is not None,
             precision=precision,
             device=device,
             pretrained_image=False,
-            pretrained_text=False,
+            **{name: value for name, value in wanted.items() if name in accepted},
         )
         if tokenizer is None:
             tokenizer = open_clip.get_tokenizer(model_name)

@@ -77,6 +77,15 @@ class TransformersVisionTap(HookTap):
         self._has_cls = hasattr(core.embeddings, "class_embedding")
 
     @property
+    def tower_name(self) -> str:
+        # Before v5, CLIPVisionModel / SiglipVisionModel held their ...VisionTransformer as
+        # .vision_model: name the class the user passed, as on v5.
+        core_name, outer = type(self.core).__name__, type(self.tower).__name__
+        if self.tower is not self.core and outer == core_name.replace("VisionTransformer", "VisionModel"):
+            core_name = outer
+        return f"{self.framework} {core_name}"
+
+    @property
     def blocks(self) -> Sequence[nn.Module]:
         return self._layers
 

@@ -131,10 +131,20 @@ def _vision_config(transformers: Any, image_size: int, patch_size: int) -> Any:
 
 
 def _image_processor(transformers: Any, class_name: str, backend: str, **kwargs: Any) -> Any:
-    """``transformers.<class_name>`` (``backend="torchvision"``) or its ``...Pil`` twin, built with ``kwargs``."""
+    """The torchvision (``backend="torchvision"``) or PIL/numpy (``"pil"``) image processor of
+    ``class_name``, built with ``kwargs``.
+
+    Where ``<class_name>Pil`` exists (newer 5.x), ``<class_name>`` is the torchvision one.
+    Before that (4.57 – 5.x), ``<class_name>`` is the slow PIL/numpy processor and the
+    torchvision one is ``<class_name>Fast``.
+    """
     if backend not in ("torchvision", "pil"):
         raise ValueError(f"image_processor must be 'torchvision' or 'pil', got {backend!r}")
-    return getattr(transformers, class_name + ("Pil" if backend == "pil" else ""))(**kwargs)
+    if hasattr(transformers, class_name + "Pil"):
+        name = class_name + ("Pil" if backend == "pil" else "")
+    else:
+        name = class_name + ("Fast" if backend == "torchvision" else "")
+    return getattr(transformers, name)(**kwargs)
 
 
 def _text_fields(tokenizer: Any, hidden_size: int, **overrides: Any) -> dict[str, Any]:

@@ -17,6 +17,7 @@ image of more than 2 x 2 tokens really is cut into several windows.
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Any, Literal
 
 from .llava import _build, _finish, _image_processor, _text_fields, _transformers
@@ -90,7 +91,7 @@ def tiny_qwen_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
-    return transformers.PreTrainedTokenizerFast(
+    return _tokenizer_class(transformers)(
         tokenizer_object=backend,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
@@ -101,14 +102,24 @@ def tiny_qwen_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def _tokenizer_class(transformers: Any) -> Any:
+    """``PreTrainedTokenizerFast``, or ``Qwen2TokenizerFast`` where the Qwen processors accept
+    nothing else (before 5.0 they check the tokenizer's class)."""
+    wanted = getattr(transformers.Qwen2VLProcessor, "tokenizer_class", None)
+    names = wanted if isinstance(wanted, tuple) else (wanted,)
+    if "Qwen2TokenizerFast" in names:
+        return transformers.Qwen2TokenizerFast
+    return transformers.PreTrainedTokenizerFast
+
+
 def _text_config(tokenizer: Any) -> dict[str, Any]:
-    return _text_fields(
-        tokenizer,
-        hidden_size=64,
-        # head_dim 16: the rotary half (8) splits into t, h, w sections
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]},
-        bos_token_id=None,
-    )
+    # head_dim 16: the rotary half (8) splits into t, h, w sections
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]}
+    if "rope_parameters" in inspect.signature(_transformers().Qwen2VLTextConfig.__init__).parameters:
+        fields: dict[str, Any] = {"rope_parameters": rope}
+    else:  # before 5.0: rope_theta apart, the rest as rope_scaling
+        fields = {"rope_theta": rope.pop("rope_theta"), "rope_scaling": rope}
+    return _text_fields(tokenizer, hidden_size=64, bos_token_id=None, **fields)
 
 
 def _special_ids(tokenizer: Any) -> dict[str, int]:
