@@ -149,3 +149,13 @@ def test_result_device_follows_weights_and_sequences_work():
 def test_bad_input_is_a_clear_error(weights, total, capacity, rounding, match):
     with pytest.raises(tp.ConfigError, match=match):
         tp.apportion(weights, total, capacity, rounding=rounding)
+
+
+def test_house_monotone_where_float_quotas_land_next_to_an_integer_regression():
+    # The float64 seat tables (before issue 12) took the 1st seat of partition 0 as due at 22:
+    # 6 / 0.333... rounds to 18.0, but the exact H_0(1) is 22.000...2, due at 23. At total 20
+    # that gave partition 0 a token it lost again at 21 (an Alabama paradox).
+    weights, capacity = [0.3333333333333333, 0.0, 6.0, 1.0], [8, 1, 33, 26]
+    shares = [tp.apportion(weights, total, capacity).tolist() for total in range(15, 30)]
+    assert all(all(b >= a for a, b in zip(low, high)) for low, high in zip(shares, shares[1:])), shares
+    assert shares[5:7] == [[0, 0, 17, 3], [0, 0, 18, 3]]
