@@ -2,7 +2,8 @@
 
 The thumbnail/tile split, the released code's overflow rule and its band regions, and
 equal shares, used by ``equal``, ``hired`` and ``hero`` so that no allocator imports
-another's module.
+another's module; and the batch plumbing of their one pass (issue 12): stack the batch's
+rows, upload host indices in one transfer, read the batch's weights in one transfer.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import torch
 from tokenprune.budget import Rounding, apportion, apportion_many
 from tokenprune.contracts import BudgetAllocator, Layout, Signals
 
-__all__ = ["BatchedAllocator", "Overflow", "TilePlan", "band_regions", "equal_shares", "exact_ratio", "floor_share", "read_rows", "solve_plans", "split_thumbnail_tiles", "upload"]
+__all__ = [
+    "BatchedAllocator", "Overflow", "TilePlan", "band_bounds", "band_regions", "by_token_count", "cat_rows", "equal_shares",
+    "exact_ratio", "floor_share", "host_ints", "read_groups", "solve_plans", "split_thumbnail_tiles", "upload",
+]  # fmt: skip
 
 #: What happens to tokens a partition cannot hold: handed to the others ("redistribute",
 #: water-filling) or dropped after clamping at capacity ("discard", the released code).
@@ -63,6 +67,11 @@ def split_thumbnail_tiles(
     return thumbnail, target - thumbnail
 
 
+def band_bounds(num_tiles: int, tokens: int) -> list[int]:
+    """Chunk boundaries of :func:`band_regions`: tile ``i`` owns ``[b[i], b[i + 1])``."""
+    return [(i * tokens) // num_tiles for i in range(num_tiles + 1)]
+
+
 def band_regions(num_tiles: int, tokens: int) -> torch.Tensor:
     """The released HiRED code's regions: tile ``i`` owns the ``i``-th contiguous chunk of
     the flattened thumbnail (horizontal bands), ``[num_tiles, tokens]`` float 0/1.
@@ -70,7 +79,7 @@ def band_regions(num_tiles: int, tokens: int) -> torch.Tensor:
     Chunk ``i`` is ``[floor(i * N / K), floor((i + 1) * N / K))``; for LLaVA-NeXT's grids
     (K in 2..4, N = 576) every chunk has N / K tokens, as in the released code.
     """
-    bounds = torch.div(torch.arange(num_tiles + 1) * tokens, num_tiles, rounding_mode="floor")
+    bounds = torch.tensor(band_bounds(num_tiles, tokens))
     position = torch.arange(tokens)
     inside = (position[None, :] >= bounds[:-1, None]) & (position[None, :] < bounds[1:, None])
     return inside.float()
@@ -135,19 +144,38 @@ class BatchedAllocator(BudgetAllocator):
         """Budgets of every image and their host copies, in one pass over the batch."""
 
 
-def read_rows(rows: Sequence[torch.Tensor | None]) -> list[list[float] | None]:
-    """Per-image float vectors read to the host in ONE transfer (``None`` rows stay ``None``)."""
-    present = [r.reshape(-1).double() for r in rows if r is not None]
-    flat = torch.cat(present).tolist() if present else []
-    out: list[list[float] | None] = []
+def cat_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The batch's per-image tensors stacked along dim 0 (no op for one image)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors))
+
+
+def host_ints(columns: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Host int lists as int64 tensors on ``device``: one upload (and one split) for all of them."""
+    flat = torch.tensor([x for column in columns for x in column], dtype=torch.int64, device=device)
+    return torch.split(flat, [len(column) for column in columns])
+
+
+def by_token_count(layouts: Sequence[Layout], chosen: Sequence[int]) -> list[list[int]]:
+    """``chosen`` image indices grouped by tokens per partition (one group per tower; rows of
+    different widths cannot share a tensor). The groups' order is fixed by the first member."""
+    groups: dict[int, list[int]] = {}
+    for b in chosen:
+        groups.setdefault(layouts[b].tokens_per_partition, []).append(b)
+    return list(groups.values())
+
+
+def read_groups(
+    groups: Sequence[list[int]], values: Sequence[torch.Tensor], sizes: Sequence[int], images: int
+) -> list[list[float] | None]:
+    """Per-image host rows of ``values`` (one flat tensor per group, ``sizes[b]`` entries per
+    image ``b`` in group order), read in ONE transfer; images in no group get ``None``."""
+    flat = cat_rows(values).tolist() if values else []
+    out: list[list[float] | None] = [None] * images
     start = 0
-    for row in rows:
-        if row is None:
-            out.append(None)
-            continue
-        size = int(row.numel())
-        out.append(flat[start : start + size])
-        start += size
+    for group in groups:
+        for b in group:
+            out[b] = flat[start : start + sizes[b]]
+            start += sizes[b]
     return out
 
 

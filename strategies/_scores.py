@@ -12,7 +12,7 @@ from tokenprune.budget import check_budget_tensor, check_budget_values, host_spl
 from tokenprune.contracts import Layout, Selection, Selector, Signals, finite_or_raise
 from tokenprune.errors import ConfigError, ContractError
 
-__all__ = ["BatchedSelector", "attention_order", "host_budgets", "mean_attention", "reduce_heads", "topk_batch", "topk_per_partition"]
+__all__ = ["BatchedSelector", "attention_order", "host_budgets", "mean_attention", "reduce_heads", "topk_batch", "topk_per_partition", "topk_stacked"]
 
 HeadReduction = Literal["sum", "mean"]
 
@@ -69,10 +69,26 @@ def topk_batch(
     for score, layout in zip(scores, layouts):
         if score.shape != layout.valid.shape:
             raise ContractError(f"{what} have shape {tuple(score.shape)}, valid mask {tuple(layout.valid.shape)}")
-    flat_scores = torch.cat(list(scores)).float() if len(scores) > 1 else scores[0].float()
+    return topk_stacked(torch.cat(list(scores)) if len(scores) > 1 else scores[0], layouts, budgets, counts, what=what)
+
+
+def topk_stacked(
+    scores: torch.Tensor,
+    layouts: Sequence[Layout],
+    budgets: Sequence[torch.Tensor],
+    counts: Sequence[tuple[int, ...]],
+    *,
+    what: str = "scores",
+) -> list[tuple[torch.Tensor, ...]]:
+    """:func:`topk_batch` of scores already stacked: ``[sum P, N]``, the images' partitions in order."""
+    rows = sum(layout.valid.shape[0] for layout in layouts)
+    if scores.dim() != 2 or scores.shape[0] != rows or any(layout.valid.shape[1] != scores.shape[1] for layout in layouts):
+        shapes = [tuple(layout.valid.shape) for layout in layouts]
+        raise ContractError(f"{what} have shape {tuple(scores.shape)}, valid masks {shapes}")
+    flat_scores = scores.float()
     finite_or_raise(flat_scores, what)  # after the cast: a float64 score below float32's range would tie with padding
     device = flat_scores.device
-    valid = torch.cat([layout.valid for layout in layouts]).to(device) if len(layouts) > 1 else layouts[0].valid.to(device)
+    valid = (torch.cat([layout.valid for layout in layouts]) if len(layouts) > 1 else layouts[0].valid).to(device)
     wanted = torch.cat(list(budgets)) if len(budgets) > 1 else budgets[0]
     masked = flat_scores.masked_fill(~valid, float("-inf"))
     order = torch.sort(masked, dim=1, descending=True, stable=True).indices

@@ -10,7 +10,8 @@ from tokenprune.strategies._budget import (
     BatchedAllocator,
     Overflow,
     TilePlan,
-    read_rows,
+    cat_rows,
+    host_ints,
     solve_plans,
     upload,
 )
@@ -116,45 +117,73 @@ class HeroAllocator(BatchedAllocator):
     # ------------------------------------------------------------------ weights
     def tile_weights(self, layout: Layout, signals: Signals) -> torch.Tensor:
         """``fused_i`` of every tile, float64 ``[K]`` on the signals' device, summing to 1."""
-        tiles = layout.tile_slice
-        count = layout.num_partitions - tiles.start
-        capacity = torch.tensor(layout.capacity_counts[tiles], dtype=torch.float64)
-        device = capacity.device
-        uniform = torch.full((count,), 1.0 / count, dtype=torch.float64)
-        mixed = torch.zeros(count, dtype=torch.float64)
+        used = [signals.embedding(self.embedding_layer)] if self.uses_saliency and layout.has_thumbnail else []
+        used += [signals.relevance] if self.uses_relevance and signals.relevance is not None else []
+        device = used[0].device if used else torch.device("cpu")
+        return torch.tensor(self._weights([layout], [signals])[0], dtype=torch.float64, device=device)
+
+    def _weights(self, layouts: Sequence[Layout], signals: Sequence[Signals]) -> list[list[float] | None]:
+        """``fused_i`` of every image with tiles (``None`` for single partitions).
+
+        The softmaxes of the whole batch run on the device in one padded pass (images x
+        tiles, padding at -inf) and are read in ONE transfer; the weighted sums are a few
+        float64 products per tile, done on the host on the read values in the same order.
+        """
+        tiled = [b for b, layout in enumerate(layouts) if layout.tiles != (0, 0)]
+        salient = [b for b in tiled if self.uses_saliency and layouts[b].has_thumbnail]
+        relevant = tiled if self.uses_relevance else []
+        parts = []
+        if salient:
+            embedding = cat_rows([signals[b].embedding(self.embedding_layer) for b in salient]).float()
+            rows, firsts = _tile_rows([layouts[b] for b in salient])
+            tiles, thumbnails = host_ints([rows, firsts], embedding.device)
+            cosine = torch.nn.functional.cosine_similarity(
+                embedding.index_select(0, tiles), embedding.index_select(0, thumbnails), dim=-1
+            )
+            parts.append(_softmax_per_image(cosine / self.tau_visual, [layouts[b] for b in salient]))
+        if relevant:
+            relevance = cat_rows([signals[b].relevance for b in relevant]).float()  # type: ignore[misc]
+            (tiles,) = host_ints([_tile_rows([layouts[b] for b in relevant])[0]], relevance.device)
+            parts.append(_softmax_per_image(relevance.index_select(0, tiles) / self.tau_text, [layouts[b] for b in relevant]))
+        flat = cat_rows(parts).tolist() if parts else []
+        read: dict[tuple[str, int], list[float]] = {}
+        start = 0
+        for kind, chosen in (("saliency", salient), ("text", relevant)):
+            for b in chosen:
+                count = layouts[b].num_partitions - layouts[b].tile_slice.start
+                read[kind, b] = flat[start : start + count]
+                start += count
+        out: list[list[float] | None] = [None] * len(layouts)
+        for b in tiled:
+            out[b] = self._fuse(layouts[b], read.get(("saliency", b)), read.get(("text", b)))
+        return out
+
+    def _fuse(self, layout: Layout, saliency: list[float] | None, text: list[float] | None) -> list[float]:
+        """``fused_i`` from the softmaxed terms, in float64 (the paper's Eq. 4)."""
+        capacity = layout.capacity_counts[layout.tile_slice]
+        count = len(capacity)
+        uniform = [1.0 / count] * count
+        mixed = [0.0] * count
         if self.uses_saliency:
-            if layout.has_thumbnail:
-                embedding = signals.embedding(self.embedding_layer).float()
-                device = embedding.device
-                cosine = torch.nn.functional.cosine_similarity(embedding[tiles], embedding[:1], dim=-1)
-                saliency = torch.softmax(cosine / self.tau_visual, dim=0).double()
-            else:
-                saliency = uniform
-            mixed = mixed.to(saliency.device) + self.saliency_weight * saliency
+            mixed = [m + self.saliency_weight * s for m, s in zip(mixed, saliency or uniform)]
         if self.uses_relevance:
-            assert signals.relevance is not None  # checked by signals.require
-            relevance = signals.relevance[tiles].float()
-            device = relevance.device
-            text = torch.softmax(relevance / self.tau_text, dim=0).double()
-            mixed = mixed.to(device) + (1.0 - self.saliency_weight) * text
-        filled = sum(layout.capacity_counts[tiles])
-        density = (capacity / filled if filled > 0 else uniform).to(device)
-        return self.density_weight * density + (1.0 - self.density_weight) * mixed.to(device)
+            assert text is not None
+            mixed = [m + (1.0 - self.saliency_weight) * t for m, t in zip(mixed, text)]
+        filled = sum(capacity)
+        density = [c / filled for c in capacity] if filled > 0 else uniform
+        return [self.density_weight * d + (1.0 - self.density_weight) * m for d, m in zip(density, mixed)]
 
     # ------------------------------------------------------------------ allocate
     def allocate_counted(
         self, layouts: Sequence[Layout], signals: Sequence[Signals], totals: Sequence[int]
     ) -> tuple[list[torch.Tensor], list[tuple[int, ...]]]:
-        """Tile weights of every image on the device, read in one transfer; the integer
+        """Tile weights of the whole batch in one pass, read in one transfer; the integer
         shares on the host (exact apportion), uploaded in one transfer."""
-        weighed = []
         for layout, signal in zip(layouts, signals):
-            if layout.tiles == (0, 0):
-                weighed.append(None)
-                continue
-            signal.require(self.needs, who=f"allocator {self.registry_name!r}")
-            weighed.append(self.tile_weights(layout, signal))
-        plans = [self._plan(layout, weights, total) for layout, weights, total in zip(layouts, read_rows(weighed), totals)]
+            if layout.tiles != (0, 0):
+                signal.require(self.needs, who=f"allocator {self.registry_name!r}")
+        weights = self._weights(layouts, signals)
+        plans = [self._plan(layout, w, total) for layout, w, total in zip(layouts, weights, totals)]
         thumbnail_capacity = [layout.capacity_counts[0] for layout in layouts]
         values = [tuple(v) for v in solve_plans(plans, totals, thumbnail_capacity, self.rounding)]
         return upload(values, layouts)
@@ -173,6 +202,27 @@ class HeroAllocator(BatchedAllocator):
             local = count * total // layout.num_partitions  # N_local = int(K * N * R), R = total / (P * N)
             return TilePlan(weights, tile_capacity, thumbnail=thumbnail, pool=local, discard=True)
         return TilePlan(weights, tile_capacity, split=(1, count))
+
+
+def _tile_rows(layouts: Sequence[Layout]) -> tuple[list[int], list[int]]:
+    """Rows of the tiles in the batch's stacked partitions, and the first row of each one's image."""
+    rows, firsts, start = [], [], 0
+    for layout in layouts:
+        rows += range(start + layout.tile_slice.start, start + layout.num_partitions)
+        firsts += [start] * (layout.num_partitions - layout.tile_slice.start)
+        start += layout.num_partitions
+    return rows, firsts
+
+
+def _softmax_per_image(values: torch.Tensor, layouts: Sequence[Layout]) -> torch.Tensor:
+    """Softmax over each image's tiles, ``values`` flat ``[sum K]``: one padded ``[B, max K]``
+    softmax (padding at -inf adds exact zeros to each sum), float64."""
+    counts = [layout.num_partitions - layout.tile_slice.start for layout in layouts]
+    image = [g for g, count in enumerate(counts) for _ in range(count)]
+    column = [k for count in counts for k in range(count)]
+    image_t, column_t = host_ints([image, column], values.device)
+    padded = values.new_full((len(counts), max(counts)), float("-inf")).index_put_((image_t, column_t), values)
+    return padded.softmax(dim=1)[image_t, column_t].double()
 
 
 register_preset(

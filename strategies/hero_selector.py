@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from tokenprune.strategies._scores import BatchedSelector, topk_batch
+from tokenprune.strategies._scores import BatchedSelector, topk_stacked
 
 from tokenprune import (
     ConfigError,
@@ -92,19 +92,6 @@ class HeroSelector(BatchedSelector):
     def needs(self) -> Needs:
         return Needs(cls_attention=set(self.high_layers) | set(self.low_layers))
 
-    def _scores(self, signals: Signals, layers: Sequence[int], part: slice) -> torch.Tensor:
-        """Mean over ``layers`` of the head-averaged CLS rows of partitions ``part``, float32 [p, N]."""
-        total: torch.Tensor | None = None
-        for layer in layers:
-            attention = signals.attention(layer)[part].float()
-            if self.double_softmax:
-                # The released code's softmax over each head's patch columns (padding included).
-                attention = attention.softmax(dim=-1)
-            per_layer = attention.mean(dim=1)
-            total = per_layer if total is None else total + per_layer
-        assert total is not None  # check() guarantees at least one layer
-        return total / len(layers)
-
     def select_counted(
         self,
         layouts: Sequence[Layout],
@@ -112,44 +99,32 @@ class HeroSelector(BatchedSelector):
         budgets: Sequence[torch.Tensor],
         counts: Sequence[tuple[int, ...]],
     ) -> list[Selection]:
-        # All partitions of all images at once: each layer's rows concatenated, scored by
-        # both layer sets; thumbnail rows take the high layers' score, the rest the low ones'.
-        everything = _Concatenated(signals)
-        low = self._scores(everything, self.low_layers, slice(None))
-        thumbnails = [offset for offset, layout in zip(everything.offsets, layouts) if layout.has_thumbnail]
-        if thumbnails:
-            high = self._scores(everything, self.high_layers, slice(None))
-            is_thumbnail = torch.zeros(low.shape[0], dtype=torch.bool)
-            is_thumbnail[thumbnails] = True
-            low = torch.where(is_thumbnail.to(low.device)[:, None], high, low)
-        scores = [low]
-        kept = topk_batch(scores, [_Stacked(layouts)], [torch.cat(list(budgets))], [tuple(c for image in counts for c in image)], what="HERO CLS-attention scores")[0]
-        out, start = [], 0
-        for image in counts:
-            out.append(Selection(indices=kept[start : start + len(image)]))
-            start += len(image)
-        return out
+        # Every listed block of every image in one stack [blocks x partitions, H, N]; thumbnail
+        # rows take the high blocks' score, every other row the low blocks'.
+        thumbnails = [layout.has_thumbnail and p == 0 for layout in layouts for p in range(layout.num_partitions)]
+        layers = self.low_layers + (self.high_layers if any(thumbnails) else ())
+        rows = [signal.attention(layer) for layer in layers for signal in signals]
+        attention = (torch.cat(rows) if len(rows) > 1 else rows[0]).float()
+        if self.double_softmax:
+            # The released code's softmax over each head's patch columns (padding included).
+            attention = attention.softmax(dim=-1)
+        per_layer = attention.mean(dim=1).view(len(layers), len(thumbnails), -1)  # heads averaged
+        scores = _mean_of(per_layer, 0, len(self.low_layers))
+        if any(thumbnails):
+            high = _mean_of(per_layer, len(self.low_layers), len(layers))
+            is_thumbnail = torch.tensor(thumbnails, device=scores.device)
+            scores = torch.where(is_thumbnail[:, None], high, scores)
+        kept = topk_stacked(scores, layouts, budgets, counts, what="HERO CLS-attention scores")
+        return [Selection(indices=indices) for indices in kept]
 
 
-class _Concatenated:
-    """The CLS attention of a batch's signals, every layer's partitions concatenated."""
-
-    def __init__(self, signals: Sequence[Signals]) -> None:
-        self._signals = list(signals)
-        sizes = [int(signal.num_partitions or 0) for signal in signals]
-        self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-
-    def attention(self, layer: int) -> torch.Tensor:
-        rows = [signal.attention(layer) for signal in self._signals]
-        return torch.cat(rows) if len(rows) > 1 else rows[0]
-
-
-class _Stacked:
-    """A stand-in layout whose valid mask is every partition of a batch."""
-
-    def __init__(self, layouts: Sequence[Layout]) -> None:
-        masks = [layout.valid for layout in layouts]
-        self.valid = torch.cat(masks) if len(masks) > 1 else masks[0]
+def _mean_of(per_layer: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Mean of ``per_layer[start:stop]``, added block by block in the listed order: a
+    reduction over the block dim may add in another order and move float ties."""
+    total = per_layer[start]
+    for layer in range(start + 1, stop):
+        total = total + per_layer[layer]
+    return total / (stop - start)
 
 
 register_preset(

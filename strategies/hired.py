@@ -11,10 +11,14 @@ from tokenprune.strategies._budget import (
     BatchedAllocator,
     Overflow,
     TilePlan,
+    band_bounds,
     band_regions,
+    by_token_count,
+    cat_rows,
     exact_ratio,
     floor_share,
-    read_rows,
+    host_ints,
+    read_groups,
     solve_plans,
     split_thumbnail_tiles,
     upload,
@@ -114,41 +118,58 @@ class HiredAllocator(BatchedAllocator):
     # ------------------------------------------------------------------ weights
     def tile_weights(self, layout: Layout, signals: Signals) -> torch.Tensor:
         """Visual content score of each tile, float64 ``[K]`` (needs a thumbnail)."""
-        scores = reduce_heads(signals.attention(self.init_layer)[:1], "sum")[0]  # thumbnail, [N]
-        valid = layout.valid[0].to(scores.device)
-        tokens = layout.tokens_per_partition
+        device = signals.attention(self.init_layer).device
+        return torch.tensor(self._weights([layout], [signals])[0], dtype=torch.float64, device=device)
+
+    def _weights(self, layouts: Sequence[Layout], signals: Sequence[Signals]) -> list[list[float] | None]:
+        """Tile scores of every image with a thumbnail (``None`` for the others), read to the
+        host in ONE transfer; a fixed set of ops per batch (per token count, in practice one)."""
+        groups = by_token_count(layouts, [b for b, layout in enumerate(layouts) if layout.has_thumbnail])
+        values = [self._group_weights([layouts[b] for b in g], [signals[b] for b in g]) for g in groups]
+        return read_groups(groups, values, [layout.num_partitions - 1 for layout in layouts], len(layouts))
+
+    def _group_weights(self, layouts: Sequence[Layout], signals: Sequence[Signals]) -> torch.Tensor:
+        """Tile scores of images with thumbnails and one token count, float64 ``[sum K]``."""
+        attention = cat_rows([signal.attention(self.init_layer) for signal in signals])  # [sum P, H, N]
+        device = attention.device
+        tokens = layouts[0].tokens_per_partition
+        starts = [0]
+        for layout in layouts[:-1]:
+            starts.append(starts[-1] + layout.num_partitions)
+        owner = [g for g, layout in enumerate(layouts) for _ in range(layout.num_partitions - 1)]
+        bands = [band_bounds(layout.num_partitions - 1, tokens) for layout in layouts] if self.region == "bands" else []
+        low = [x for b in bands for x in b[:-1]]
+        high = [x for b in bands for x in b[1:]]
+        thumbnails, owner_t, low_t, high_t = host_ints([starts, owner, low, high], device)
+        scores = reduce_heads(attention.index_select(0, thumbnails), "sum")  # [B, N]
+        valid = cat_rows([layout.valid for layout in layouts]).to(device).index_select(0, thumbnails)
         if self.aggregation == "count":
             fraction = 1.0 - self.alpha if self.topk_fraction is None else self.topk_fraction
             k = int(tokens * fraction)
             masked = scores.masked_fill(~valid, float("-inf"))
-            order = torch.sort(masked, descending=True, stable=True).indices  # ties: lowest index
-            content = torch.zeros_like(scores)
-            content[order[:k]] = 1.0
+            order = torch.sort(masked, dim=1, descending=True, stable=True).indices  # ties: lowest index
+            content = torch.zeros_like(scores).scatter_(1, order[:, :k], 1.0)
         else:
             content = scores
         content = (content * valid).double()  # float64: region sums of float32 scores lose nothing
         if self.region == "bands":
-            regions = band_regions(layout.num_partitions - 1, tokens).to(scores.device)
+            position = torch.arange(tokens, device=device)
+            regions = ((position >= low_t[:, None]) & (position < high_t[:, None])).double()
         else:
-            assert layout.overlap is not None  # Layout guarantees it with a thumbnail
-            regions = layout.overlap.to(scores.device)
-        return regions.double() @ content
+            regions = cat_rows([layout.overlap for layout in layouts]).to(device).double()  # type: ignore[misc]
+        return (regions * content.index_select(0, owner_t)).sum(dim=1)
 
     # ------------------------------------------------------------------ allocate
     def allocate_counted(
         self, layouts: Sequence[Layout], signals: Sequence[Signals], totals: Sequence[int]
     ) -> tuple[list[torch.Tensor], list[tuple[int, ...]]]:
-        """Tile weights of every image on the device, read in one transfer; the integer
+        """Tile weights of the whole batch in one pass, read in one transfer; the integer
         shares on the host (exact apportion), uploaded in one transfer."""
-        weighed = []
         for layout, signal in zip(layouts, signals):
             if layout.tiles != (0, 0):
                 signal.require(self.needs, who=f"allocator {self.registry_name!r}")
-            if layout.has_thumbnail:
-                weighed.append(self.tile_weights(layout, signal))
-            else:
-                weighed.append(None)
-        plans = [self._plan(layout, weights, total) for layout, weights, total in zip(layouts, read_rows(weighed), totals)]
+        weights = self._weights(layouts, signals)
+        plans = [self._plan(layout, w, total) for layout, w, total in zip(layouts, weights, totals)]
         thumbnail_capacity = [layout.capacity_counts[0] for layout in layouts]
         values = [tuple(v) for v in solve_plans(plans, totals, thumbnail_capacity, self.rounding)]
         return upload(values, layouts)

@@ -216,3 +216,21 @@ def test_builds_by_name_and_runs_in_a_pipeline():
     assert result.stats.allocated == (6, 10, 3, 3, 4) and result.stats.kept == (6, 10, 3, 3, 4)
     exact = tp.Pipeline(allocator="hero", selector=FirstValid(), budget=30, allocator_options=HAND).apply(layout, signals)
     assert exact.stats.kept_total == 30 and exact.stats.allocated[0] == 6
+
+
+def test_batch_of_mixed_structures_equals_per_image():
+    # Softmaxes of the whole batch run padded to the widest grid: a 1x2 grid, a 2x2 grid,
+    # tiles without a thumbnail (uniform saliency) and a single partition in one pass.
+    torch.manual_seed(1)
+    layout, signals = hero_layout(), hero_signals()
+    pair = Layout(SIDE, (1, 2), True, torch.ones(3, N, dtype=torch.bool), quadrants()[:2] + quadrants()[2:])
+    pair_signals = Signals(cls_embedding={-1: torch.randn(3, 2)}, relevance=torch.randn(3))
+    bare = Layout(SIDE, (1, 3), False, torch.ones(3, N, dtype=torch.bool))
+    bare_signals = Signals(cls_embedding={-1: torch.randn(3, 2)}, relevance=torch.randn(3))
+    single = Layout.single(SIDE)
+    single_signals = Signals(cls_embedding={-1: torch.randn(1, 2)}, relevance=torch.randn(1))
+    layouts = [pair, layout, bare, single, layout]
+    signals_ = [pair_signals, signals, bare_signals, single_signals, signals]
+    for options in ({}, HAND, {"saliency_weight": 1.0}, {"saliency_weight": 0.0}, {"density_weight": 1.0}):
+        assert_batch_equals_per_image(HeroAllocator(**options), layouts, signals_, [11, 30, 20, 9, 41])
+    assert_batch_equals_per_image(tp.build_allocator("hero@reference"), layouts, signals_, [11, 30, 20, 9, 41])

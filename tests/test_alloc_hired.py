@@ -315,3 +315,19 @@ def test_builds_by_name_and_runs_in_a_pipeline(quad):
     assert result.selection.indices[1].tolist() == [0, 1, 2, 3, 4, 5]
     reference = tp.Pipeline(allocator="hired@reference", selector=FirstValid(), budget=20).apply(layout, signals)
     assert reference.stats.allocated == (10, 5, 2, 1, 1)
+
+
+def test_batch_of_mixed_token_counts_and_structures_equals_per_image(quad):
+    # One pass per token count: a 2x2-token 1x2 grid rides along with the 4x4 ones, next to a
+    # single partition and tiles without a thumbnail (equal shares, no weights read).
+    layout, signals = quad
+    small_overlap = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]])
+    small = Layout(2, (1, 2), True, torch.ones(3, 4, dtype=torch.bool), small_overlap)
+    small_signals = Signals(cls_attention={0: torch.tensor([[[0.375, 0.125, 0.25, 0.25]]]).expand(3, 1, 4)}, num_layers=24)
+    single, no_thumbnail = Layout.single(SIDE), Layout(SIDE, (1, 2), False, torch.ones(2, N, dtype=torch.bool))
+    layouts = [layout, small, single, no_thumbnail, layout]
+    signals_ = [signals, small_signals, thumbnail_signals(1, quadrant_scores()), thumbnail_signals(2, quadrant_scores()), signals]
+    for allocator in (HiredAllocator(), HiredAllocator(aggregation="count"), tp.build_allocator("hired@reference")):
+        assert_batch_equals_per_image(allocator, layouts, signals_, [20, 9, 7, 11, 13])
+    # 1x2 of 2x2 tokens: left column .625, right .375 -> tiles 3.125 : 1.875 of the 5 after the thumbnail's 4
+    assert HiredAllocator().allocate(small, small_signals, 9).tolist() == [4, 3, 2]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import tokenprune as tp
+from tokenprune import testing as tpt
 from tokenprune.budget import _exact_quota
 
 weights_st = st.lists(
@@ -149,3 +151,21 @@ def test_result_device_follows_weights_and_sequences_work():
 def test_bad_input_is_a_clear_error(weights, total, capacity, rounding, match):
     with pytest.raises(tp.ConfigError, match=match):
         tp.apportion(weights, total, capacity, rounding=rounding)
+
+
+def test_house_monotone_where_float_quotas_land_next_to_an_integer_regression():
+    # The float64 seat tables (before issue 12) took the 1st seat of partition 0 as due at 22:
+    # 6 / 0.333... rounds to 18.0, but the exact H_0(1) is 22.000...2, due at 23. At total 20
+    # that gave partition 0 a token it lost again at 21 (an Alabama paradox).
+    weights, capacity = [0.3333333333333333, 0.0, 6.0, 1.0], [8, 1, 33, 26]
+    shares = [tp.apportion(weights, total, capacity).tolist() for total in range(15, 30)]
+    assert all(all(b >= a for a, b in zip(low, high)) for low, high in itertools.pairwise(shares)), shares
+    assert shares[5:7] == [[0, 0, 17, 3], [0, 0, 18, 3]]
+
+
+def test_apportion_many_runs_on_host_numbers_without_tensor_ops():
+    problems = [([0.3, 0.0, 1.7], 9, [4, 5, 6]), ([1.0, 1.0], 3, [2, 2]), ([2.5e-9, 1.0, 0.2], 40, [30, 5, 30])]
+    with tpt.count_dispatch() as count:
+        shares = tp.budget.apportion_many(problems)
+    assert count.ops == 0 and count.reads == 0, count.read_names
+    assert shares == [tp.apportion(w, t, c).tolist() for w, t, c in problems]

@@ -215,3 +215,20 @@ def test_prumerge_reads_at_most_once_per_batch_and_batches(images, selector):
     assert one.reads <= allowed and batch.reads <= allowed, (one.read_names, batch.read_names)
     assert batch.ops <= 2 * one.ops, (one.ops, batch.ops)  # was ~7x: a loop over partitions
     assert one.ops <= (200 if selector.startswith("prumerge@") or selector == "prumerge" else 250)
+
+
+@pytest.mark.parametrize(
+    "allocator,selector,limit",
+    [("hired", "cls_final", 80), ("hero", "hero", 100), ("hired@reference", "cls_final", 80), ("hero@reference", "hero@reference", 100)],
+)
+def test_adaptive_allocators_read_once_per_batch_and_batch(images, allocator, selector, limit):
+    # Issue 12: the tile weights of the whole batch are read in one transfer; apportion runs on
+    # host ints (no tensor op); everything else stays on the device. Was 3 / 7 reads, 157 ops.
+    pipe = tp.Pipeline(allocator=allocator, selector=selector, budget=0.2)
+    layouts = [layout for layout, _ in images]
+    signals = [_signals(pipe, layout, seed) for layout, seed in images]
+    one = _count(pipe, layouts[:1], signals[:1])
+    batch = _count(pipe, layouts, signals)
+    assert one.reads <= 1 and batch.reads <= 1, (one.read_names, batch.read_names)
+    assert batch.ops <= 2 * one.ops, (one.ops, batch.ops)
+    assert one.ops <= limit, one.ops

@@ -19,7 +19,10 @@ of partition ``i`` may be given once ``q_i(h) > k - 1`` (upper quota) and must b
 by the first ``h`` with ``q_i(h) >= k`` (lower quota). Earliest-deadline-first meets
 every deadline because the quotas themselves are a feasible fractional schedule; this is
 the Balinski–Young quota idea, generalised to capacity-capped quotas. Ties go to the
-seat whose quota is reached first, then to the lower index.
+seat whose quota is reached first, then to the lower index. All of it runs on host
+numbers in exact integer arithmetic (the weights scaled to Python ints): no tensor op, no
+rounding error (float64 seat tables once dated a seat one total early and broke house
+monotonicity).
 
 ``rounding="floor"`` returns ``floor(q_i)`` and leaves the remainder unassigned, like the
 released reference code; it keeps every property above except the exact sum. ``q_i`` is
@@ -39,7 +42,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
@@ -144,98 +147,60 @@ def quota(
 # --------------------------------------------------------------------------- apportion
 
 
-def _integer_weights(weights: list[float], bound: int) -> list[int] | None:
-    """The weights scaled by one common power of two to exact integers, or ``None`` when
-    that would overflow int64 arithmetic on totals up to ``bound``."""
+def _scaled(weights: list[float]) -> list[int]:
+    """The weights times one common power of two: exact Python ints (ratios unchanged)."""
     ratios = [w.as_integer_ratio() for w in weights]
-    scale = max(den for _, den in ratios)  # denominators of floats are powers of two
-    scaled = [num * (scale // den) for num, den in ratios]
-    if max(scaled, default=0) * (bound + 1) * max(len(scaled), 1) >= 2**62:
-        return None
-    return scaled
+    scale = max((den for _, den in ratios), default=1)  # float denominators are powers of two
+    return [num * (scale // den) for num, den in ratios]
 
 
-def _seat_tables(
-    rows: list[tuple[list[float], list[int], int, int]], integer: list[list[int]] | None
-) -> list[list[tuple[int, int, float, int]]]:
-    """Every seat that may be handed out by each row's target, for a group of rows at once.
+def _seats(weights: list[float], caps: list[int], target: int) -> list[tuple[int, int, Fraction, int]]:
+    """Every seat released by ``target``: ``(release, due, when, i)`` (see module docs).
 
-    A row is ``(weights, caps, held, target)``. The ``k``-th seat of partition ``i`` is
-    ``(release, due, when, i)``: ``release`` the total at which ``q_i`` first exceeds
-    ``k - 1``, ``due`` the total at which it first reaches ``k``, ``when = H_i(k)``, with
-    ``H_i(k) = sum_j min(c_j, k * w_j / w_i)`` over positive weights (``held`` plus an equal
-    fill for zero weights). Tensors ``[R, P, K, P]`` (rows, partitions, seats, partitions).
-    In exact int64 arithmetic when ``integer`` gives the rows' weights scaled to integers;
-    otherwise in float64, with exact Fractions at the rare totals that sit within rounding
-    error of an integer.
+    The ``k``-th seat of partition ``i`` is released at ``floor(H_i(k - 1)) + 1`` and due at
+    ``ceil(H_i(k))``, with ``H_i(k) = sum_j min(c_j, k w_j / w_i)`` over positive weights
+    (for weight zero: everything the positive ones hold, plus an equal fill). Exact integer
+    arithmetic: ``w_i H_i(k) = A + k B`` between the totals at which some ``j`` fills up.
     """
-    size = max(len(w) for w, _, _, _ in rows)
-    seats = max(max(caps, default=0) for _, caps, _, _ in rows)
-
-    def padded(values: list[list[Any]], dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor([v + [0] * (size - len(v)) for v in values], dtype=dtype)
-
-    c = padded([caps for _, caps, _, _ in rows], torch.int64)
-    raw = padded([w for w, _, _, _ in rows], torch.float64)
-    positive = (raw > 0) & (c > 0)
-    held = torch.tensor([h for _, _, h, _ in rows], dtype=torch.int64)
-    target = torch.tensor([t for _, _, _, t in rows], dtype=torch.int64)
-    n_rows = len(rows)
-    # Broadcast shapes (one view each; the host-side arithmetic stays a fixed set of ops).
-    k_seat = torch.arange(seats + 1, dtype=torch.int64).view(1, 1, seats + 1, 1)  # [1, 1, K, 1]
-    c_other = c.view(n_rows, 1, 1, size)  # c_j
-    mask = positive.view(n_rows, 1, 1, size)
-    zero_caps = torch.where(raw == 0, c, torch.zeros_like(c)).view(n_rows, 1, size)
-    zero_h = held.view(n_rows, 1) + torch.minimum(zero_caps, k_seat.view(1, seats + 1, 1)).sum(dim=2)  # [R, K]
-    if integer is not None:
-        w = padded(integer, torch.int64)
-        w_safe = torch.where(positive, w, torch.ones_like(w)).view(n_rows, size, 1, 1)  # w_i
-        scaled = torch.minimum(c_other * w_safe, k_seat * w.view(n_rows, 1, 1, size))
-        numerator = (scaled * mask).sum(dim=3)  # = w_i * H_i(k), exactly
-        divisor = w_safe.view(n_rows, size, 1)
-        floor_h = torch.div(numerator, divisor, rounding_mode="floor")
-        ceil_h = -torch.div(-numerator, divisor, rounding_mode="floor")
-        when = numerator.double() / divisor.double()
-    else:
-        w_safe = torch.where(positive, raw, torch.ones_like(raw)).view(n_rows, size, 1, 1)
-        ratio = raw.view(n_rows, 1, 1, size) / w_safe
-        level = torch.minimum(c_other.double(), k_seat.double() * ratio)
-        when = (level * mask).sum(dim=3)
-        floor_h, ceil_h = torch.floor(when).long(), torch.ceil(when).long()
-        near = (when - when.round()).abs() <= 1e-7 * when.clamp(min=1.0)
-        near &= (when <= target.view(n_rows, 1, 1) + 1) & positive.view(n_rows, size, 1)  # later seats are never released
-        if bool(near.any()):
-            for r, i, seat in torch.nonzero(near).tolist():
-                weights, caps = rows[r][0], rows[r][1]
-                fractions = [Fraction(x) for x in weights]
-                exact = sum(
-                    (min(Fraction(caps[j]), seat * fractions[j] / fractions[i]) for j in range(len(caps)) if fractions[j] > 0 and caps[j] > 0),
-                    Fraction(0),
-                )
-                floor_h[r, i, seat], ceil_h[r, i, seat] = math.floor(exact), math.ceil(exact)
-    zero = ~positive.view(n_rows, size, 1)
-    zero_row = zero_h.view(n_rows, 1, seats + 1)
-    floor_h = torch.where(zero, zero_row, floor_h)
-    ceil_h = torch.where(zero, zero_row, ceil_h)
-    when = torch.where(zero, zero_row.double(), when)
-    release, due, when = floor_h[..., :-1] + 1, ceil_h[..., 1:], when[..., 1:]  # seat k = 1..K
-    wanted = (k_seat.view(1, 1, seats + 1)[..., 1:] <= c.view(n_rows, size, 1)) & (release <= target.view(n_rows, 1, 1))
-    owner = torch.arange(size, dtype=torch.float64).view(1, size, 1).expand(release.shape)
-    row = torch.arange(n_rows, dtype=torch.float64).view(n_rows, 1, 1).expand(release.shape)
-    # float64 holds every total and index exactly: one host read for all rows' seats
-    columns = [release.double(), due.double(), when, owner, row]
-    table = torch.stack(columns, dim=-1)[wanted].tolist()
-    out: list[list[tuple[int, int, float, int]]] = [[] for _ in rows]
-    for r_, d_, t_, i_, row_ in table:
-        out[int(row_)].append((int(r_), int(d_), t_, int(i_)))
+    size = len(caps)
+    scaled = _scaled(weights)
+    positive = [i for i in range(size) if scaled[i] > 0 and caps[i] > 0]
+    zero = [i for i in range(size) if scaled[i] == 0]
+    held = sum(caps[i] for i in positive)
+    is_positive = set(positive)
+    out = []
+    for i in range(size):
+        if caps[i] == 0:
+            continue
+        if i in is_positive:
+            w_i, members = scaled[i], [(caps[j] * scaled[i], scaled[j]) for j in positive]
+            base = 0
+        else:  # weight zero: equal weights among the zero-weight partitions, after ``held``
+            w_i, members = 1, [(caps[j], 1) for j in zero]
+            base = held
+        # members sorted by the k at which they cap: caps_j * w_i / w_j (compare cross-products)
+        members.sort(key=lambda m: Fraction(m[0], m[1]))
+        capped, slope, cursor = 0, sum(w for _, w in members), 0
+        previous = base * w_i  # w_i * H_i(0)
+        for k in range(1, caps[i] + 1):
+            release = previous // w_i + 1
+            if release > target:
+                break
+            while cursor < len(members) and k * members[cursor][1] >= members[cursor][0]:
+                capped += members[cursor][0]
+                slope -= members[cursor][1]
+                cursor += 1
+            numerator = base * w_i + capped + k * slope
+            out.append((release, -(-numerator // w_i), Fraction(numerator, w_i), i))
+            previous = numerator
     return out
 
 
-def _exact_shares(caps: list[int], target: int, seats: list[tuple[int, int, float, int]]) -> list[int]:
+def _exact_shares(caps: list[int], target: int, seats: list[tuple[int, int, Fraction, int]]) -> list[int]:
     """Earliest-deadline-first over the seats (ties: the quota reached first, lower index)."""
     seats.sort()
     shares = [0] * len(caps)
-    ready: list[tuple[int, float, int]] = []
+    ready: list[tuple[int, Fraction, int]] = []
     cursor = 0
     for slot in range(1, target + 1):
         while cursor < len(seats) and seats[cursor][0] <= slot:
@@ -253,8 +218,9 @@ def apportion_many(
     problems: Sequence[tuple[Sequence[float], int, Sequence[int]]], rounding: Rounding = "exact"
 ) -> list[list[int]]:
     """:func:`apportion` of many ``(weights, total, capacity)`` problems given as host
-    numbers, as host ints: one fixed set of tensor ops for all of them (the batched path of
-    the built-in allocators, which read their weights to the host once per batch)."""
+    numbers, as host ints, in exact integer arithmetic on the host: no tensor op and no
+    device read (the batched path of the built-in allocators, which read their weights to
+    the host once per batch)."""
     if rounding not in _ROUNDINGS:
         raise ConfigError(f"rounding must be one of {_ROUNDINGS}, got {rounding!r}")
     checked = []
@@ -263,24 +229,12 @@ def apportion_many(
         checked.append((w, _as_capacity(capacity, len(w)), _as_total(total)))
     if rounding == "floor":
         return [[math.floor(q) for q in _exact_quota(w, caps, total)] for w, caps, total in checked]
-    out: list[list[int] | None] = [None] * len(checked)
-    integer_rows, float_rows = [], []
-    for index, (w, caps, total) in enumerate(checked):
+    out = []
+    for w, caps, total in checked:
         target = min(total, sum(caps))
-        if target == sum(caps):  # everything fits: no choice to make
-            out[index] = list(caps)
-            continue
-        held = sum(c for x, c in zip(w, caps) if x > 0 and c > 0)
-        integer = _integer_weights(w, max(caps, default=0) + sum(caps))
-        (integer_rows if integer is not None else float_rows).append((index, (w, caps, held, target), integer))
-    for group, exact_integers in ((integer_rows, True), (float_rows, False)):
-        if not group:
-            continue
-        integers = [integer for _, _, integer in group] if exact_integers else None
-        tables = _seat_tables([row for _, row, _ in group], integers)  # type: ignore[arg-type]
-        for (index, (_, caps, _, target), _), seats in zip(group, tables):
-            out[index] = _exact_shares(caps, target, seats)
-    return out  # type: ignore[return-value]
+        # everything fits: no choice to make
+        out.append(list(caps) if target == sum(caps) else _exact_shares(caps, target, _seats(w, caps, target)))
+    return out
 
 
 def apportion(
