@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Literal, TypeVar
 
 import torch
 
@@ -12,9 +12,10 @@ from tokenprune.budget import check_budget_tensor, check_budget_values, host_spl
 from tokenprune.contracts import Layout, Selection, Selector, Signals, finite_or_raise
 from tokenprune.errors import ConfigError, ContractError
 
-__all__ = ["BatchedSelector", "attention_order", "host_budgets", "mean_attention", "reduce_heads", "topk_batch", "topk_per_partition", "topk_stacked"]
+__all__ = ["BatchedSelector", "attention_order", "by_width", "host_budgets", "mean_attention", "reduce_heads", "topk_batch", "topk_per_partition", "topk_stacked"]
 
 HeadReduction = Literal["sum", "mean"]
+T = TypeVar("T")
 
 
 def reduce_heads(attention: torch.Tensor, how: HeadReduction) -> torch.Tensor:
@@ -69,7 +70,33 @@ def topk_batch(
     for score, layout in zip(scores, layouts):
         if score.shape != layout.valid.shape:
             raise ContractError(f"{what} have shape {tuple(score.shape)}, valid mask {tuple(layout.valid.shape)}")
-    return topk_stacked(torch.cat(list(scores)) if len(scores) > 1 else scores[0], layouts, budgets, counts, what=what)
+    return by_width(
+        lambda group: topk_stacked(
+            torch.cat([scores[i] for i in group]) if len(group) > 1 else scores[group[0]],
+            [layouts[i] for i in group],
+            [budgets[i] for i in group],
+            [counts[i] for i in group],
+            what=what,
+        ),
+        layouts,
+    )
+
+
+def by_width(run: Callable[[list[int]], list[T]], layouts: Sequence[Layout]) -> list[T]:
+    """``run`` once per group of images whose partitions have the same token count (one
+    group for LLaVA; Qwen images of different grids form a few), results in image order.
+
+    ``run`` gets the group's image indices and returns one result per index."""
+    groups: dict[int, list[int]] = {}
+    for index, layout in enumerate(layouts):
+        groups.setdefault(int(layout.valid.shape[1]), []).append(index)
+    if len(groups) == 1:
+        return run(list(range(len(layouts))))
+    out: list[T | None] = [None] * len(layouts)
+    for group in groups.values():
+        for index, result in zip(group, run(group)):
+            out[index] = result
+    return out  # type: ignore[return-value]
 
 
 def topk_stacked(

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from tokenprune.strategies._scores import reduce_heads, topk_per_partition
+from tokenprune.strategies._scores import BatchedSelector, by_width, reduce_heads, topk_stacked
 
-from tokenprune import Layout, Needs, Selection, Selector, Signals, register_selector
+from tokenprune import Layout, Needs, Selection, Signals, register_selector
 
 __all__ = ["AttentionReceived"]
 
 
 @register_selector("attention_received")
 @dataclass(frozen=True)
-class AttentionReceived(Selector):
+class AttentionReceived(BatchedSelector):
     """Top-b tokens by the attention they receive in block ``layer`` (no CLS token needed).
 
     A token's score is its column of the block's attention map: per head, the softmax weights
@@ -45,9 +46,21 @@ class AttentionReceived(Selector):
     def needs(self) -> Needs:
         return Needs(received_attention={self.layer})
 
-    def select(self, layout: Layout, signals: Signals, budgets: torch.Tensor) -> Selection:
-        scores = reduce_heads(signals.received(self.layer), self.heads)
-        indices = topk_per_partition(
-            scores, layout.valid, budgets, what=f"attention received in layer {self.layer}"
-        )
-        return Selection(indices=indices)
+    def select_counted(
+        self,
+        layouts: Sequence[Layout],
+        signals: Sequence[Signals],
+        budgets: Sequence[torch.Tensor],
+        counts: Sequence[tuple[int, ...]],
+    ) -> list[Selection]:
+        # every partition of every image at once (per token count: Qwen grids differ)
+        what = f"attention received in layer {self.layer}"
+
+        def run(group: list[int]) -> list[tuple[torch.Tensor, ...]]:
+            received = [signals[i].received(self.layer) for i in group]
+            scores = reduce_heads(torch.cat(received) if len(received) > 1 else received[0], self.heads)
+            return topk_stacked(
+                scores, [layouts[i] for i in group], [budgets[i] for i in group], [counts[i] for i in group], what=what
+            )
+
+        return [Selection(indices=kept) for kept in by_width(run, layouts)]

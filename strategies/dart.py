@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
+from tokenprune.strategies._scores import BatchedSelector, by_width
 
 from tokenprune import (
     ConfigError,
-    ContractError,
     Layout,
     Needs,
     Selection,
-    Selector,
     Signals,
     register_selector,
 )
@@ -24,7 +24,7 @@ __all__ = ["Dart"]
 
 @register_selector("dart")
 @dataclass(frozen=True)
-class Dart(Selector):
+class Dart(BatchedSelector):
     """Duplication-aware token reduction (DART; Wen et al., "Stop Looking for Important Tokens in
     Multimodal Language Models: Duplication Matters More", EMNLP 2025, arXiv 2502.11494).
 
@@ -82,31 +82,40 @@ class Dart(Selector):
             return Needs(features=True, keys={self.key_layer})
         return Needs(features=True)
 
-    def select(self, layout: Layout, signals: Signals, budgets: torch.Tensor) -> Selection:
-        signals.require(self.needs, who="selector 'dart'")
-        assert signals.features is not None
-        features = finite_or_raise(signals.features.float(), "dart features")
-        norms_of = features if self.pivot_score == "feature_norm" else signals.key(self.key_layer).float()
-        valid = layout.valid.to(features.device)
-        budgets = _checked(budgets, valid).to(features.device)
-        pivot_scores = finite_or_raise(norms_of, "dart pivot scores").abs().sum(dim=-1)  # L1 norms
-        kept = least_duplicated(features, pivot_scores, valid, budgets, self.pivots)
-        return Selection(indices=tuple(torch.nonzero(row).flatten() for row in kept))
+    def select_counted(
+        self,
+        layouts: Sequence[Layout],
+        signals: Sequence[Signals],
+        budgets: Sequence[torch.Tensor],
+        counts: Sequence[tuple[int, ...]],
+    ) -> list[Selection]:
+        """Every partition of every image in one pass (per token count), sized by the host counts."""
+        for signal in signals:
+            signal.require(self.needs, who="selector 'dart'")
 
+        def run(group: list[int]) -> list[tuple[torch.Tensor, ...]]:
+            def stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+                return torch.cat(tensors) if len(tensors) > 1 else tensors[0]
 
-def _checked(budgets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    capacity = valid.sum(dim=1).to(budgets.device) if isinstance(budgets, torch.Tensor) else None
-    if (
-        capacity is None
-        or tuple(budgets.shape) != tuple(capacity.shape)
-        or budgets.dtype.is_floating_point
-        or bool(((budgets < 0) | (budgets > capacity)).any())
-    ):
-        raise ContractError(
-            f"dart: budgets must be integers in [0, valid tokens {valid.sum(dim=1).tolist()}] per "
-            f"partition, got {budgets!r}"
-        )
-    return budgets.to(torch.int64)
+            features = stacked([signals[i].features for i in group]).float()  # type: ignore[misc]
+            features = finite_or_raise(features, "dart features")
+            if self.pivot_score == "feature_norm":
+                norms_of = features
+            else:
+                norms_of = finite_or_raise(stacked([signals[i].key(self.key_layer) for i in group]).float(), "dart keys")
+            device = features.device
+            valid = stacked([layouts[i].valid for i in group]).to(device)
+            wanted = stacked([budgets[i] for i in group]).to(device=device, dtype=torch.int64)
+            kept = least_duplicated(features, norms_of.abs().sum(dim=-1), valid, wanted, self.pivots)  # L1 norms
+            sizes = [c for i in group for c in counts[i]]
+            pieces = torch.split(torch.nonzero_static(kept, size=sum(sizes))[:, 1], sizes)
+            out, start = [], 0
+            for i in group:
+                out.append(tuple(pieces[start : start + len(counts[i])]))
+                start += len(counts[i])
+            return out
+
+        return [Selection(indices=kept) for kept in by_width(run, layouts)]
 
 
 def _first_by(order_key: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
