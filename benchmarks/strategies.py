@@ -112,6 +112,10 @@ def realistic_signals(
         },
         cls_embedding={layer: hidden(p, width) for layer in sorted(resolved.cls_embedding)},
         keys={layer: hidden(p, n, width) for layer in sorted(resolved.keys)},
+        # per head, a distribution over the tokens like a CLS row (column means of softmax rows)
+        received_attention={
+            layer: cls_attention(generator, p, heads, n).to(device) for layer in sorted(resolved.received_attention)
+        },
         # raw CLIP image-text cosines sit around 0.15-0.35
         relevance=(0.15 + 0.2 * torch.rand(p, generator=generator)).to(device),
         prompt="What is written on the red sign next to the bus stop?",
