@@ -25,7 +25,6 @@ import dataclasses
 import functools
 import inspect
 import threading
-import weakref
 from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -35,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tokenprune.adapter import ImageTokens, OrderedTokens, VLMAdapter
-from tokenprune.contracts import BudgetAllocator, Layout, Selector, Signals
+from tokenprune.contracts import BudgetAllocator, Layout, Selector, Signals, to_device
 from tokenprune.errors import ConfigError, IncompatibleError, TokenpruneError
 from tokenprune.tower import PrunedBatch, kept_features_batch, kept_rows, run_batch
 
@@ -53,8 +52,10 @@ _SCORERS: dict[str, Any] = {}
 #: ids of the processors and models an ``attach`` context currently wraps (one at a time each).
 _ATTACHED: set[int] = set()
 _ATTACH_LOCK = threading.Lock()
-#: The attention tap of each vision tower instance (built once: finding the blocks walks the tower).
-_TAPS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+#: Where a vision tower keeps its attention tap (built once: finding the blocks walks the
+#: tower). On the tower itself, not in a global table: the tap refers to its tower, so a
+#: global table would keep every tower (and its device memory) alive.
+_TAP_ATTRIBUTE = "_tokenprune_tap"
 #: ``generate_path`` per (model class, detector) (feature detection reads signatures: slow to repeat).
 _GENERATE_PATHS: dict[tuple[type, Any], Any] = {}
 #: :meth:`LlavaFamilyAdapter.order_keys` of an adapter whose LLM order is partition order.
@@ -216,9 +217,9 @@ class LlavaFamilyAdapter(VLMAdapter):
         from tokenprune.adapters.taps import check_needs, tap_for
 
         tower = self._tower(model)
-        tap = _TAPS.get(tower)
+        tap = vars(tower).get(_TAP_ATTRIBUTE)
         if tap is None:  # one per tower instance (taps are stateless between captures)
-            tap = _TAPS[tower] = tap_for(tower)
+            tap = vars(tower)[_TAP_ATTRIBUTE] = tap_for(tower)
         check_needs(tap, pipeline.allocator.needs, f"allocator {pipeline.part_label('allocator')}")
         check_needs(tap, pipeline.selector.needs, f"selector {pipeline.part_label('selector')}")
         needs = pipeline.needs
@@ -352,7 +353,7 @@ class LlavaFamilyAdapter(VLMAdapter):
                 image_of = torch.tensor(
                     [image for image, layout in enumerate(pruned.layouts) for _ in range(layout.num_partitions)]
                 )
-                table = (table + image_of[:, None] * _IMAGE_KEY_STRIDE).to(part_index.device, non_blocking=True)
+                table = to_device(table + image_of[:, None] * _IMAGE_KEY_STRIDE, part_index.device)
                 order = torch.argsort(table[part_index, token_index])
                 part_index, token_index = part_index[order], token_index[order]
             return pruned.features[part_index, token_index], counts, [None] * len(results)

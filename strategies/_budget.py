@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from tokenprune.budget import Rounding, apportion, apportion_many
-from tokenprune.contracts import BudgetAllocator, Layout, Signals
+from tokenprune.contracts import BudgetAllocator, Layout, Signals, to_device
 
 __all__ = [
     "BatchedAllocator", "Overflow", "TilePlan", "band_bounds", "band_regions", "by_token_count", "cat_rows", "equal_shares",
@@ -115,14 +115,24 @@ def equal_shares(capacity: Sequence[int], total: int, rounding: Rounding = "exac
 
 
 def upload(
-    values: Sequence[tuple[int, ...]], layouts: Sequence[Layout]
+    values: Sequence[tuple[int, ...]], layouts: Sequence[Layout], signals: Sequence[Signals] = ()
 ) -> tuple[list[torch.Tensor], list[tuple[int, ...]]]:
-    """Per-image host budgets as int64 tensors on the layouts' device (one transfer for the
-    batch), with the host copies: what :meth:`BudgetAllocator.allocate_counted` returns."""
-    device = layouts[0].valid.device if layouts else torch.device("cpu")
+    """Per-image host budgets as int64 tensors on the signals' device (else the layouts'),
+    one non-blocking transfer for the batch, with the host copies: what
+    :meth:`BudgetAllocator.allocate_counted` returns."""
+    device = signals_device(signals, layouts)
     sizes = [len(v) for v in values]
-    flat = torch.tensor([x for v in values for x in v], dtype=torch.int64, device=device)
+    flat = to_device(torch.tensor([x for v in values for x in v], dtype=torch.int64), device)
     return list(torch.split(flat, sizes)), list(values)
+
+
+def signals_device(signals: Sequence[Signals], layouts: Sequence[Layout]) -> torch.device:
+    """Where the batch's signals live (where selectors will want the budgets); the layouts'
+    device when the signals hold no tensor (geometry-only strategies)."""
+    for signal in signals[:1]:
+        for tensor in signal._tensors():
+            return tensor.device
+    return layouts[0].valid.device if layouts else torch.device("cpu")
 
 
 class BatchedAllocator(BudgetAllocator):
@@ -151,7 +161,7 @@ def cat_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def host_ints(columns: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, ...]:
     """Host int lists as int64 tensors on ``device``: one upload (and one split) for all of them."""
-    flat = torch.tensor([x for column in columns for x in column], dtype=torch.int64, device=device)
+    flat = to_device(torch.tensor([x for column in columns for x in column], dtype=torch.int64), device)
     return torch.split(flat, [len(column) for column in columns])
 
 

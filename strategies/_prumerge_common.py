@@ -26,6 +26,7 @@ from tokenprune.contracts import (
     Selection,
     Signals,
     finite_or_raise,
+    to_device,
     validating,
 )
 from tokenprune.errors import ConfigError, ContractError, SignalError
@@ -283,7 +284,7 @@ class PruMergeBase(BatchedSelector):
                 "probabilities (>= 0), which PruMerge uses as merge weights"
             )
         device = scores.device
-        valid = _cat([layouts[image].valid for image in members]).to(device)
+        valid = _cat([layouts[image].valid_on(device) for image in members])
         return _Group(
             members=members,
             partitions=[layouts[image].num_partitions for image in members],
@@ -291,7 +292,7 @@ class PruMergeBase(BatchedSelector):
             valid=valid,
             capacity=valid.sum(dim=1),
             caps=[c for image in members for c in layouts[image].capacity_counts],
-            budget=_cat([budgets[image] for image in members]).to(device),
+            budget=to_device(_cat([budgets[image] for image in members]), device),
             budgets=[b for image in members for b in counts[image]],
             keys=_cat(keys),
             features=_cat(features),

@@ -9,7 +9,7 @@ from typing import Literal, TypeVar
 import torch
 
 from tokenprune.budget import check_budget_tensor, check_budget_values, host_split
-from tokenprune.contracts import Layout, Selection, Selector, Signals, finite_or_raise
+from tokenprune.contracts import Layout, Selection, Selector, Signals, finite_or_raise, to_device
 from tokenprune.errors import ConfigError, ContractError
 
 __all__ = ["BatchedSelector", "attention_order", "by_width", "host_budgets", "mean_attention", "reduce_heads", "topk_batch", "topk_per_partition", "topk_stacked"]
@@ -115,13 +115,13 @@ def topk_stacked(
     flat_scores = scores.float()
     finite_or_raise(flat_scores, what)  # after the cast: a float64 score below float32's range would tie with padding
     device = flat_scores.device
-    valid = (torch.cat([layout.valid for layout in layouts]) if len(layouts) > 1 else layouts[0].valid).to(device)
+    valid = torch.cat([layout.valid_on(device) for layout in layouts]) if len(layouts) > 1 else layouts[0].valid_on(device)
     wanted = torch.cat(list(budgets)) if len(budgets) > 1 else budgets[0]
     masked = flat_scores.masked_fill(~valid, float("-inf"))
     order = torch.sort(masked, dim=1, descending=True, stable=True).indices
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(order.shape[1], device=device).expand_as(order))
-    keep = rank < wanted.to(device)[:, None]
+    keep = rank < to_device(wanted, device)[:, None]
     sizes = [c for image in counts for c in image]
     kept = torch.nonzero_static(keep, size=sum(sizes))[:, 1]
     pieces = torch.split(kept, sizes)

@@ -17,7 +17,7 @@ from tokenprune import (
     Signals,
     register_selector,
 )
-from tokenprune.contracts import finite_or_raise
+from tokenprune.contracts import finite_or_raise, to_device
 
 __all__ = ["Dart"]
 
@@ -104,8 +104,8 @@ class Dart(BatchedSelector):
             else:
                 norms_of = finite_or_raise(stacked([signals[i].key(self.key_layer) for i in group]).float(), "dart keys")
             device = features.device
-            valid = stacked([layouts[i].valid for i in group]).to(device)
-            wanted = stacked([budgets[i] for i in group]).to(device=device, dtype=torch.int64)
+            valid = stacked([layouts[i].valid_on(device) for i in group])
+            wanted = to_device(stacked([budgets[i] for i in group]), device).long()
             kept = least_duplicated(features, norms_of.abs().sum(dim=-1), valid, wanted, self.pivots)  # L1 norms
             sizes = [c for i in group for c in counts[i]]
             pieces = torch.split(torch.nonzero_static(kept, size=sum(sizes))[:, 1], sizes)

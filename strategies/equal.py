@@ -37,4 +37,4 @@ class EqualAllocator(BatchedAllocator):
     ) -> tuple[list[torch.Tensor], list[tuple[int, ...]]]:
         # Capacities are host ints already: no read, one upload for the batch.
         values = [tuple(equal_shares(lay.capacity_counts, total, self.rounding)) for lay, total in zip(layouts, totals)]
-        return upload(values, layouts)
+        return upload(values, layouts, signals)

@@ -186,7 +186,7 @@ class HeroAllocator(BatchedAllocator):
         plans = [self._plan(layout, w, total) for layout, w, total in zip(layouts, weights, totals)]
         thumbnail_capacity = [layout.capacity_counts[0] for layout in layouts]
         values = [tuple(v) for v in solve_plans(plans, totals, thumbnail_capacity, self.rounding)]
-        return upload(values, layouts)
+        return upload(values, layouts, signals)
 
     def _plan(self, layout: Layout, weights: list[float] | None, total: int) -> TilePlan | list[int]:
         capacity = list(layout.capacity_counts)

@@ -17,6 +17,7 @@ from tokenprune import (
     register_preset,
     register_selector,
 )
+from tokenprune.contracts import to_device
 
 __all__ = ["HeroSelector"]
 
@@ -112,7 +113,7 @@ class HeroSelector(BatchedSelector):
         scores = _mean_of(per_layer, 0, len(self.low_layers))
         if any(thumbnails):
             high = _mean_of(per_layer, len(self.low_layers), len(layers))
-            is_thumbnail = torch.tensor(thumbnails, device=scores.device)
+            is_thumbnail = to_device(torch.tensor(thumbnails), scores.device)
             scores = torch.where(is_thumbnail[:, None], high, scores)
         kept = topk_stacked(scores, layouts, budgets, counts, what="HERO CLS-attention scores")
         return [Selection(indices=indices) for indices in kept]

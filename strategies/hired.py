@@ -142,7 +142,7 @@ class HiredAllocator(BatchedAllocator):
         high = [x for b in bands for x in b[1:]]
         thumbnails, owner_t, low_t, high_t = host_ints([starts, owner, low, high], device)
         scores = reduce_heads(attention.index_select(0, thumbnails), "sum")  # [B, N]
-        valid = cat_rows([layout.valid for layout in layouts]).to(device).index_select(0, thumbnails)
+        valid = cat_rows([layout.valid_on(device) for layout in layouts]).index_select(0, thumbnails)
         if self.aggregation == "count":
             fraction = 1.0 - self.alpha if self.topk_fraction is None else self.topk_fraction
             k = int(tokens * fraction)
@@ -156,7 +156,7 @@ class HiredAllocator(BatchedAllocator):
             position = torch.arange(tokens, device=device)
             regions = ((position >= low_t[:, None]) & (position < high_t[:, None])).double()
         else:
-            regions = cat_rows([layout.overlap for layout in layouts]).to(device).double()  # type: ignore[misc]
+            regions = cat_rows([layout.overlap_on(device) for layout in layouts]).double()  # type: ignore[misc]
         return (regions * content.index_select(0, owner_t)).sum(dim=1)
 
     # ------------------------------------------------------------------ allocate
@@ -172,7 +172,7 @@ class HiredAllocator(BatchedAllocator):
         plans = [self._plan(layout, w, total) for layout, w, total in zip(layouts, weights, totals)]
         thumbnail_capacity = [layout.capacity_counts[0] for layout in layouts]
         values = [tuple(v) for v in solve_plans(plans, totals, thumbnail_capacity, self.rounding)]
-        return upload(values, layouts)
+        return upload(values, layouts, signals)
 
     def _plan(self, layout: Layout, weights: list[float] | None, total: int) -> TilePlan | list[int]:
         capacity = list(layout.capacity_counts)

@@ -12,7 +12,10 @@ from functools import lru_cache
 from typing import Any, ClassVar, Literal
 
 import torch
+from tokenprune.strategies._budget import signals_device
 from tokenprune.strategies._scores import BatchedSelector
+
+from tokenprune.contracts import to_device
 
 from tokenprune import (
     ContractError,
@@ -121,7 +124,7 @@ class Spatial(BatchedSelector):
             for layout, values in zip(layouts, counts)
             for row, budget in zip(layout.valid_rows, values)
         ]
-        flat = _upload(b"".join(plans), layouts[0].valid.device)
+        flat = _upload(b"".join(plans), signals_device(signals, layouts))  # where the features are gathered
         kept = torch.split(flat, [len(plan) // _INT64 for plan in plans])
         return _per_image(kept, [len(values) for values in counts], lambda part: Selection(indices=part))
 
@@ -145,11 +148,7 @@ def _upload(data: bytes, device: torch.device) -> torch.Tensor:
     if not data:
         return torch.zeros(0, dtype=torch.int64, device=device)
     host = torch.frombuffer(bytearray(data), dtype=torch.int64)
-    if device.type == "cpu":
-        return host
-    if device.type == "cuda":  # pinned, so the copy is queued without waiting for the stream
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
+    return host if device.type == "cpu" else to_device(host, device)
 
 
 def _per_image(parts: Sequence[Any], sizes: Sequence[int], make: Callable[[tuple[Any, ...]], Selection]) -> list[Selection]:

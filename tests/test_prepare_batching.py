@@ -113,14 +113,14 @@ def clip_scorer(next_model, tmp_path_factory):
 
     from tokenprune.adapters.relevance import HFClipScorer
 
-    from .test_relevance import _clip_config, _tiny_vocab
+    from .test_relevance import _clip_config, _clip_tokenizer, _tiny_vocab
 
     model, _ = next_model
     folder = tmp_path_factory.mktemp("clip_tokenizer")
     vocab, merges = _tiny_vocab()
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tokenizer = transformers.CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
+    tokenizer = _clip_tokenizer(folder)  # 4.x spells the tokenizers-backed one CLIPTokenizerFast
     tower = model.model.vision_tower
     clip = transformers.CLIPModel(
         transformers.CLIPConfig(
@@ -160,3 +160,53 @@ def test_hero_scores_a_batch_with_one_text_forward_over_its_distinct_prompts(nex
         single = pipe.last_images[0]
         assert single.stats.kept == batch_images[i].stats.kept
         torch.testing.assert_close(single.embeddings, batch_images[i].embeddings, rtol=1e-5, atol=1e-5)
+
+
+def test_the_cached_tap_dies_with_its_tower():
+    # the tap is cached on the tower, not in a global table (which kept every tower alive)
+    import gc
+    import weakref
+
+    model, processor = tiny_llava_next(seed=2)
+    pipe = tp.Pipeline(adapter="llava_next", allocator="equal", selector="cls_final", budget=0.5)
+    with torch.inference_mode():
+        pipe.prepare(model, processor, images=picture(90, 50, 0), text=chat(processor))
+    tower = weakref.ref(model.model.vision_tower)
+    del model
+    gc.collect()
+    assert tower() is None
+
+
+def test_annotated_features_are_the_ones_gathered():
+    # an annotate hook that replaces an image's features must not be bypassed by the batch gather
+    import dataclasses
+
+    from tokenprune.tower import run_batch
+
+    layout = tp.Layout.single(2)
+    features = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
+    signals = tp.Signals(features=features, num_layers=1)
+
+    class Record:
+        def signals(self):
+            return signals
+
+    class Tap:
+        def capture(self, needs, feature_layer=None):
+            import contextlib
+
+            return contextlib.nullcontext(Record())
+
+    pipe = tp.Pipeline(allocator="equal", selector="spatial", budget=0.5)
+    kept = run_batch(pipe, Tap(), lambda: None, [layout, layout], feature_layer=None)
+    assert kept.features is features
+    moved = run_batch(pipe, Tap(), lambda: None, [layout, layout], feature_layer=None,
+                      annotate=lambda i, s: dataclasses.replace(s, features=s.features + 100))
+    assert moved.features is None  # the adapter then gathers per image from the annotated ones
+
+
+def test_layout_masks_are_copied_once_per_device():
+    layout = tp.Layout.single(3)
+    assert layout.valid_on("cpu") is layout.valid
+    first = layout.valid_on("meta")
+    assert first.device.type == "meta" and layout.valid_on("meta") is first

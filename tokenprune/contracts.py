@@ -254,6 +254,26 @@ class Layout:
         geometry, for strategies that cache what they compute from the mask alone."""
         return self._valid_rows  # type: ignore[attr-defined, no-any-return]
 
+    def valid_on(self, device: torch.device | str) -> torch.Tensor:
+        """:attr:`valid` on ``device``, copied once per device without a sync (layouts are
+        cached and reused per image size, so the hot path finds the copy already there).
+        Never write into it, nor into :attr:`valid`: cached layouts are shared."""
+        return self._on("valid", self.valid, device)
+
+    def overlap_on(self, device: torch.device | str) -> torch.Tensor | None:
+        """:attr:`overlap` on ``device``, like :meth:`valid_on`."""
+        return None if self.overlap is None else self._on("overlap", self.overlap, device)
+
+    def _on(self, name: str, tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+        device = torch.device(device)
+        if tensor.device == device or (device.index is None and tensor.device.type == device.type):
+            return tensor
+        copies = self.__dict__.setdefault("_device_copies", {})  # frozen dataclass: no __setattr__
+        key = (name, device)
+        if key not in copies:
+            copies[key] = to_device(tensor, device)
+        return copies[key]  # type: ignore[no-any-return]
+
     @property
     def tile_slice(self) -> slice:
         """Indices of the tiles among the partitions."""
@@ -881,6 +901,19 @@ class Adapter(_Configurable, ABC):
 
     def check_parts(self, allocator: BudgetAllocator, selector: Selector) -> None:
         """Raise :class:`~tokenprune.IncompatibleError` if the strategies cannot run here."""
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor`` on ``device`` without a host sync.
+
+    A plain ``.to("cuda")`` of a host tensor waits for the whole stream (the tower's queued
+    work) before copying; from pinned memory with ``non_blocking=True`` it is only queued.
+    The pinned buffer comes from torch's caching host allocator, which keeps it alive until
+    the copy has run."""
+    device = torch.device(device)
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def finite_or_raise(tensor: torch.Tensor, what: str) -> torch.Tensor:

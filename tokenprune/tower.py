@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .contracts import AttentionTap, Layout, Needs, Selection, Signals
+from .contracts import AttentionTap, Layout, Needs, Selection, Signals, to_device
 from .errors import ContractError, TokenpruneError
 
 if TYPE_CHECKING:
@@ -135,11 +135,11 @@ def kept_rows(batch: PrunedBatch, images: Sequence[int] | None = None) -> tuple[
     if not tokens:
         empty = torch.empty(0, dtype=torch.int64, device=device)
         return empty, empty, counts
-    token_index = torch.cat(tokens).to(device) if len(tokens) > 1 else tokens[0].to(device)
+    token_index = to_device(torch.cat(tokens) if len(tokens) > 1 else tokens[0], device)
     ends = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int64)
     owner = torch.searchsorted(ends, torch.arange(total, dtype=torch.int64), right=True)
     part_index = torch.tensor(parts, dtype=torch.int64)[owner]
-    return part_index.to(device, non_blocking=True), token_index, counts
+    return to_device(part_index, device), token_index, counts
 
 
 def kept_features_batch(batch: PrunedBatch) -> list[tuple[torch.Tensor, ...]]:
@@ -236,6 +236,7 @@ def run_batch(
             raise ContractError("prune_batch: with split=..., pass the layouts themselves")
         image_layouts = list(layouts)
         per_image = split(record, image_layouts)
+    split_features = [image.features for image in per_image]
     if annotate is not None:
         per_image = [annotate(index, image) for index, image in enumerate(per_image)]
     if annotate_batch is not None:
@@ -247,5 +248,7 @@ def run_batch(
     for layout in image_layouts:
         starts.append(start)
         start += layout.num_partitions
-    features = None if whole is None else whole.features
+    # the batch's features are one tensor only while every image still reads its slice of it
+    unchanged = all(image.features is before for image, before in zip(per_image, split_features))
+    features = whole.features if whole is not None and unchanged else None
     return PrunedBatch(image_layouts, per_image, results, features, starts)
