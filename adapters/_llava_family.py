@@ -39,12 +39,17 @@ from tokenprune.errors import ConfigError, IncompatibleError, TokenpruneError
 from tokenprune.tower import PrunedBatch, kept_features_batch, kept_rows, run_batch
 
 from . import _generate_inputs
-from ._generate_inputs import generate_inputs, image_features_output, processor_count_hooks, prompt_hook
+from ._generate_inputs import (
+    generate_inputs,
+    image_features_output,
+    processor_count_hooks,
+    prompt_hook,
+)
 
 if TYPE_CHECKING:
     from tokenprune.pipeline import Pipeline
 
-__all__ = ["ImageTokens", "LlavaFamilyAdapter", "LlavaImageStats", "PARTITION_ORDER"]
+__all__ = ["PARTITION_ORDER", "ImageTokens", "LlavaFamilyAdapter", "LlavaImageStats"]
 
 _MISSING = object()
 #: Relevance scorers loaded from spec strings, shared by every adapter instance.

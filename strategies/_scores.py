@@ -9,7 +9,14 @@ from typing import Literal, TypeVar
 import torch
 
 from tokenprune.budget import check_budget_tensor, check_budget_values, host_split
-from tokenprune.contracts import Layout, Selection, Selector, Signals, finite_or_raise, to_device
+from tokenprune.contracts import (
+    Layout,
+    Selection,
+    Selector,
+    Signals,
+    finite_or_raise,
+    to_device,
+)
 from tokenprune.errors import ConfigError, ContractError
 
 __all__ = ["BatchedSelector", "attention_order", "by_width", "host_budgets", "mean_attention", "reduce_heads", "topk_batch", "topk_per_partition", "topk_stacked"]

@@ -7,7 +7,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from tokenprune.strategies._scores import BatchedSelector, by_width, reduce_heads, topk_stacked
+from tokenprune.strategies._scores import (
+    BatchedSelector,
+    by_width,
+    reduce_heads,
+    topk_stacked,
+)
 
 from tokenprune import Layout, Needs, Selection, Signals, register_selector
 

@@ -13,6 +13,7 @@ from tokenprune.strategies._prumerge_common import (
     iqr_upper_fences,
     outlier_counts,
 )
+
 from tokenprune import register_preset, register_selector
 
 __all__ = ["PruMerge", "batch_outlier_ratio", "iqr_upper_fences", "outlier_counts"]

@@ -15,8 +15,6 @@ import torch
 from tokenprune.strategies._budget import signals_device
 from tokenprune.strategies._scores import BatchedSelector
 
-from tokenprune.contracts import to_device
-
 from tokenprune import (
     ContractError,
     Layout,
@@ -26,6 +24,7 @@ from tokenprune import (
     register_preset,
     register_selector,
 )
+from tokenprune.contracts import to_device
 
 __all__ = ["Spatial"]
 

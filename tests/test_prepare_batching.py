@@ -8,29 +8,19 @@ import json
 
 import pytest
 import torch
-from PIL import Image
-
-import tokenprune as tp
 from tokenprune.adapters.llava import LlavaAdapter
 from tokenprune.adapters.llava_next import LlavaNextAdapter
+
+import tokenprune as tp
 from tokenprune.testing import count_dispatch
 from tokenprune.tiny import tiny_llava, tiny_llava_next
+
+from .test_adapters_llava import chat, picture
 
 pytestmark = pytest.mark.compat
 
 #: (width, height): the 1x2, 2x1, 2x2, 3x1 and 1x3 grids of the tiny LLaVA-NeXT, and more.
 SIZES = ((90, 50), (40, 130), (100, 100), (160, 50), (50, 160), (64, 48), (70, 120), (120, 60))
-
-
-def picture(width: int, height: int, seed: int) -> Image.Image:
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
-    return Image.fromarray(pixels.numpy())
-
-
-def chat(processor, question: str = "What is in the image?") -> str:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +100,6 @@ def test_batched_gather_in_llm_order_equals_the_per_image_order_tokens_path(
 @pytest.fixture(scope="module")
 def clip_scorer(next_model, tmp_path_factory):
     import transformers
-
     from tokenprune.adapters.relevance import HFClipScorer
 
     from .test_relevance import _clip_config, _clip_tokenizer, _tiny_vocab
