@@ -20,7 +20,7 @@ from tokenprune.budget import Rounding, apportion, apportion_many
 from tokenprune.contracts import BudgetAllocator, Layout, Signals, to_device
 
 __all__ = [
-    "BatchedAllocator", "Overflow", "TilePlan", "band_bounds", "band_regions", "by_token_count", "cat_rows", "equal_shares",
+    "BatchedAllocator", "Overflow", "TilePlan", "TileWeightAllocator", "band_bounds", "band_regions", "by_token_count", "cat_rows", "equal_shares",
     "exact_ratio", "floor_share", "host_ints", "read_groups", "solve_plans", "split_thumbnail_tiles", "upload",
 ]  # fmt: skip
 
@@ -152,6 +152,35 @@ class BatchedAllocator(BudgetAllocator):
         self, layouts: Sequence[Layout], signals: Sequence[Signals], totals: Sequence[int]
     ) -> tuple[list[torch.Tensor], list[tuple[int, ...]]]:
         """Budgets of every image and their host copies, in one pass over the batch."""
+
+
+class TileWeightAllocator(BatchedAllocator):
+    """An allocator that weighs each image's tiles (``hired``, ``hero``): the weights of the
+    whole batch in one pass (:meth:`_weights`, read in one transfer), one :class:`TilePlan`
+    per image (:meth:`_plan`), the integer shares on the host (:func:`solve_plans`, exact
+    apportion), uploaded in one transfer."""
+
+    rounding: Rounding
+
+    def allocate_counted(
+        self, layouts: Sequence[Layout], signals: Sequence[Signals], totals: Sequence[int]
+    ) -> tuple[list[torch.Tensor], list[tuple[int, ...]]]:
+        for layout, signal in zip(layouts, signals):
+            if layout.tiles != (0, 0):
+                signal.require(self.needs, who=f"allocator {self.registry_name!r}")
+        weights = self._weights(layouts, signals)
+        plans = [self._plan(layout, w, total) for layout, w, total in zip(layouts, weights, totals)]
+        thumbnail_capacity = [layout.capacity_counts[0] for layout in layouts]
+        values = [tuple(v) for v in solve_plans(plans, totals, thumbnail_capacity, self.rounding)]
+        return upload(values, layouts, signals)
+
+    @abstractmethod
+    def _weights(self, layouts: Sequence[Layout], signals: Sequence[Signals]) -> list[list[float] | None]:
+        """Per image, its tile weights on the host (``None`` where it has none to weigh)."""
+
+    @abstractmethod
+    def _plan(self, layout: Layout, weights: list[float] | None, total: int) -> TilePlan | list[int]:
+        """One image's plan (a ``list[int]`` is already its budgets)."""
 
 
 def cat_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -19,7 +19,7 @@ from tokenprune.contracts import (
 )
 from tokenprune.errors import ConfigError, ContractError
 
-__all__ = ["BatchedSelector", "attention_order", "by_width", "host_budgets", "mean_attention", "reduce_heads", "topk_batch", "topk_per_partition", "topk_stacked"]
+__all__ = ["BatchedSelector", "attention_order", "by_width", "host_budgets", "mean_attention", "reduce_heads", "topk_batch", "topk_of_heads", "topk_per_partition", "topk_stacked"]
 
 HeadReduction = Literal["sum", "mean"]
 T = TypeVar("T")
@@ -87,6 +87,32 @@ def topk_batch(
         ),
         layouts,
     )
+
+
+def topk_of_heads(
+    rows: Sequence[torch.Tensor],
+    layouts: Sequence[Layout],
+    budgets: Sequence[torch.Tensor],
+    counts: Sequence[tuple[int, ...]],
+    how: HeadReduction,
+    *,
+    what: str,
+) -> list[tuple[torch.Tensor, ...]]:
+    """:func:`topk_stacked` of per-image ``[P, H, N]`` attention rows reduced over heads:
+    the images of one token count stacked first (the heads reduce per row, so stacking
+    first changes nothing), one pass per token count (:func:`by_width`)."""
+
+    def run(group: list[int]) -> list[tuple[torch.Tensor, ...]]:
+        stacked = torch.cat([rows[i] for i in group]) if len(group) > 1 else rows[group[0]]
+        return topk_stacked(
+            reduce_heads(stacked, how),
+            [layouts[i] for i in group],
+            [budgets[i] for i in group],
+            [counts[i] for i in group],
+            what=what,
+        )
+
+    return by_width(run, layouts)
 
 
 def by_width(run: Callable[[list[int]], list[T]], layouts: Sequence[Layout]) -> list[T]:

@@ -7,12 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from tokenprune.strategies._scores import (
-    BatchedSelector,
-    by_width,
-    reduce_heads,
-    topk_stacked,
-)
+from tokenprune.strategies._scores import BatchedSelector, topk_of_heads
 
 from tokenprune import Layout, Needs, Selection, Signals, register_selector
 
@@ -58,14 +53,6 @@ class AttentionReceived(BatchedSelector):
         budgets: Sequence[torch.Tensor],
         counts: Sequence[tuple[int, ...]],
     ) -> list[Selection]:
-        # every partition of every image at once (per token count: Qwen grids differ)
+        rows = [signal.received(self.layer) for signal in signals]
         what = f"attention received in layer {self.layer}"
-
-        def run(group: list[int]) -> list[tuple[torch.Tensor, ...]]:
-            received = [signals[i].received(self.layer) for i in group]
-            scores = reduce_heads(torch.cat(received) if len(received) > 1 else received[0], self.heads)
-            return topk_stacked(
-                scores, [layouts[i] for i in group], [budgets[i] for i in group], [counts[i] for i in group], what=what
-            )
-
-        return [Selection(indices=kept) for kept in by_width(run, layouts)]
+        return [Selection(indices=kept) for kept in topk_of_heads(rows, layouts, budgets, counts, self.heads, what=what)]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from tokenprune.strategies._scores import BatchedSelector, reduce_heads, topk_stacked
+from tokenprune.strategies._scores import BatchedSelector, topk_of_heads
 
 from tokenprune import Layout, Needs, Selection, Signals, register_selector
 
@@ -58,8 +58,6 @@ class ClsFinal(BatchedSelector):
         budgets: Sequence[torch.Tensor],
         counts: Sequence[tuple[int, ...]],
     ) -> list[Selection]:
-        # every partition of every image at once: the heads reduce per row, so stacking first changes nothing
-        attention = [signal.attention(self.final_layer) for signal in signals]
-        scores = reduce_heads(torch.cat(attention) if len(attention) > 1 else attention[0], self.heads)
+        rows = [signal.attention(self.final_layer) for signal in signals]
         what = f"CLS attention of layer {self.final_layer}"
-        return [Selection(indices=kept) for kept in topk_stacked(scores, layouts, budgets, counts, what=what)]
+        return [Selection(indices=kept) for kept in topk_of_heads(rows, layouts, budgets, counts, self.heads, what=what)]

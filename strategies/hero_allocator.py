@@ -7,13 +7,11 @@ from dataclasses import dataclass
 
 import torch
 from tokenprune.strategies._budget import (
-    BatchedAllocator,
     Overflow,
     TilePlan,
+    TileWeightAllocator,
     cat_rows,
     host_ints,
-    solve_plans,
-    upload,
 )
 
 from tokenprune import (
@@ -31,7 +29,7 @@ __all__ = ["HeroAllocator"]
 
 @register_allocator("hero")
 @dataclass(frozen=True)
-class HeroAllocator(BatchedAllocator):
+class HeroAllocator(TileWeightAllocator):
     """HERO: thumbnail keeps ratio R; tiles split the rest by CLS similarity and prompt relevance.
 
     HERO ("Token Budgeting", Eqs. 1-4): with R = total / (P * N) the image's retention
@@ -173,21 +171,7 @@ class HeroAllocator(BatchedAllocator):
         density = [c / filled for c in capacity] if filled > 0 else uniform
         return [self.density_weight * d + (1.0 - self.density_weight) * m for d, m in zip(density, mixed)]
 
-    # ------------------------------------------------------------------ allocate
-    def allocate_counted(
-        self, layouts: Sequence[Layout], signals: Sequence[Signals], totals: Sequence[int]
-    ) -> tuple[list[torch.Tensor], list[tuple[int, ...]]]:
-        """Tile weights of the whole batch in one pass, read in one transfer; the integer
-        shares on the host (exact apportion), uploaded in one transfer."""
-        for layout, signal in zip(layouts, signals):
-            if layout.tiles != (0, 0):
-                signal.require(self.needs, who=f"allocator {self.registry_name!r}")
-        weights = self._weights(layouts, signals)
-        plans = [self._plan(layout, w, total) for layout, w, total in zip(layouts, weights, totals)]
-        thumbnail_capacity = [layout.capacity_counts[0] for layout in layouts]
-        values = [tuple(v) for v in solve_plans(plans, totals, thumbnail_capacity, self.rounding)]
-        return upload(values, layouts, signals)
-
+    # ------------------------------------------------------------------ plan
     def _plan(self, layout: Layout, weights: list[float] | None, total: int) -> TilePlan | list[int]:
         capacity = list(layout.capacity_counts)
         if weights is None:

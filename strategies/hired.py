@@ -8,9 +8,9 @@ from typing import Literal
 
 import torch
 from tokenprune.strategies._budget import (
-    BatchedAllocator,
     Overflow,
     TilePlan,
+    TileWeightAllocator,
     band_bounds,
     band_regions,
     by_token_count,
@@ -19,9 +19,7 @@ from tokenprune.strategies._budget import (
     floor_share,
     host_ints,
     read_groups,
-    solve_plans,
     split_thumbnail_tiles,
-    upload,
 )
 from tokenprune.strategies._scores import reduce_heads
 
@@ -39,7 +37,7 @@ __all__ = ["HiredAllocator", "Overflow", "band_regions", "split_thumbnail_tiles"
 
 @register_allocator("hired")
 @dataclass(frozen=True)
-class HiredAllocator(BatchedAllocator):
+class HiredAllocator(TileWeightAllocator):
     """HiRED: thumbnail gets share alpha; tiles split the rest by the thumbnail's early CLS attention.
 
     HiRED (Arif et al., AAAI 2025, "Token Budget Allocation", Algorithm 1 and Eq. 1):
@@ -159,21 +157,7 @@ class HiredAllocator(BatchedAllocator):
             regions = cat_rows([layout.overlap_on(device) for layout in layouts]).double()  # type: ignore[misc]
         return (regions * content.index_select(0, owner_t)).sum(dim=1)
 
-    # ------------------------------------------------------------------ allocate
-    def allocate_counted(
-        self, layouts: Sequence[Layout], signals: Sequence[Signals], totals: Sequence[int]
-    ) -> tuple[list[torch.Tensor], list[tuple[int, ...]]]:
-        """Tile weights of the whole batch in one pass, read in one transfer; the integer
-        shares on the host (exact apportion), uploaded in one transfer."""
-        for layout, signal in zip(layouts, signals):
-            if layout.tiles != (0, 0):
-                signal.require(self.needs, who=f"allocator {self.registry_name!r}")
-        weights = self._weights(layouts, signals)
-        plans = [self._plan(layout, w, total) for layout, w, total in zip(layouts, weights, totals)]
-        thumbnail_capacity = [layout.capacity_counts[0] for layout in layouts]
-        values = [tuple(v) for v in solve_plans(plans, totals, thumbnail_capacity, self.rounding)]
-        return upload(values, layouts, signals)
-
+    # ------------------------------------------------------------------ plan
     def _plan(self, layout: Layout, weights: list[float] | None, total: int) -> TilePlan | list[int]:
         capacity = list(layout.capacity_counts)
         if layout.tiles == (0, 0):
