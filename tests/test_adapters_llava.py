@@ -7,10 +7,10 @@ import inspect
 import pytest
 import torch
 from PIL import Image
-
-import tokenprune as tp
 from tokenprune.adapters._generate_inputs import forward_inputs
 from tokenprune.adapters.llava_next_partitioner import LlavaNextPartitioner
+
+import tokenprune as tp
 from tokenprune.tiny import tiny_llava, tiny_llava_next
 
 pytestmark = pytest.mark.compat  # also run against every supported transformers (make test-compat)
@@ -318,21 +318,20 @@ def test_sharegpt4v_requires_its_padding_processor(llava_model):
 # ------------------------------------------------------------------------- prompt relevance
 
 
-def test_hero_with_a_clip_scorer_reuses_the_tower_cls(next_model, tmp_path_factory):
-    import transformers
+def clip_scorer_sharing_the_tower(model, folder):
+    """A tiny CLIP (text tower + the model's own vision tower weights) and its HFClipScorer,
+    the tokenizer files written to ``folder``."""
+    import json
 
+    import transformers
     from tokenprune.adapters.relevance import HFClipScorer
 
     from .test_relevance import _clip_config, _clip_tokenizer, _tiny_vocab
 
-    model, processor = next_model
-    folder = tmp_path_factory.mktemp("clip_tokenizer")
     vocab, merges = _tiny_vocab()
-    import json
-
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tokenizer = _clip_tokenizer(folder)
+    tokenizer = _clip_tokenizer(folder)  # 4.x spells the tokenizers-backed one CLIPTokenizerFast
     tower = model.model.vision_tower
     clip = transformers.CLIPModel(
         transformers.CLIPConfig(
@@ -342,7 +341,12 @@ def test_hero_with_a_clip_scorer_reuses_the_tower_cls(next_model, tmp_path_facto
         )
     ).eval()
     clip.vision_model.load_state_dict(getattr(tower, "vision_model", tower).state_dict())
-    scorer = HFClipScorer(clip, tokenizer)
+    return clip, HFClipScorer(clip, tokenizer)
+
+
+def test_hero_with_a_clip_scorer_reuses_the_tower_cls(next_model, tmp_path_factory):
+    model, processor = next_model
+    _, scorer = clip_scorer_sharing_the_tower(model, tmp_path_factory.mktemp("clip_tokenizer"))
 
     image, text = picture(120, 60, 17), chat(processor, "Where is the red car?")
     missing = tp.Pipeline(adapter="llava_next", allocator="hero", selector="hero", budget=0.3)

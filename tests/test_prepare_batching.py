@@ -4,8 +4,6 @@ equal to the per-image ``order_tokens`` path. Op counts, never times."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from tokenprune.adapters.llava import LlavaAdapter
@@ -15,7 +13,7 @@ import tokenprune as tp
 from tokenprune.testing import count_dispatch
 from tokenprune.tiny import tiny_llava, tiny_llava_next
 
-from .test_adapters_llava import chat, picture
+from .test_adapters_llava import chat, clip_scorer_sharing_the_tower, picture
 
 pytestmark = pytest.mark.compat
 
@@ -99,27 +97,7 @@ def test_batched_gather_in_llm_order_equals_the_per_image_order_tokens_path(
 
 @pytest.fixture(scope="module")
 def clip_scorer(next_model, tmp_path_factory):
-    import transformers
-    from tokenprune.adapters.relevance import HFClipScorer
-
-    from .test_relevance import _clip_config, _clip_tokenizer, _tiny_vocab
-
-    model, _ = next_model
-    folder = tmp_path_factory.mktemp("clip_tokenizer")
-    vocab, merges = _tiny_vocab()
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tokenizer = _clip_tokenizer(folder)  # 4.x spells the tokenizers-backed one CLIPTokenizerFast
-    tower = model.model.vision_tower
-    clip = transformers.CLIPModel(
-        transformers.CLIPConfig(
-            text_config=_clip_config(tokenizer).text_config.to_dict(),
-            vision_config=tower.config.to_dict(),
-            projection_dim=16,
-        )
-    ).eval()
-    clip.vision_model.load_state_dict(getattr(tower, "vision_model", tower).state_dict())
-    return clip, HFClipScorer(clip, tokenizer)
+    return clip_scorer_sharing_the_tower(next_model[0], tmp_path_factory.mktemp("clip_tokenizer"))
 
 
 def test_hero_scores_a_batch_with_one_text_forward_over_its_distinct_prompts(next_model, clip_scorer):
