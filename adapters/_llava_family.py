@@ -445,13 +445,7 @@ class LlavaFamilyAdapter(VLMAdapter):
         else:  # a subclass places the tokens its own way
             generate_kwargs = self.place(model, processor, texts, pruned, **tokenizer_kwargs)
             lengths = generate_kwargs["attention_mask"].sum(dim=1).tolist()
-        pipeline.record_images(
-            [
-                dataclasses.replace(image, stats=_with_prefill(image.stats, int(lengths[row])))
-                for row in range(len(texts))
-                for image in _images_of(pruned, counts, row)
-            ]
-        )
+        record_with_prefill(pipeline, pruned, counts, lengths)
         return generate_kwargs
 
     def place(
@@ -687,6 +681,18 @@ def _partition_keys(layout: Layout) -> torch.Tensor:
 def _images_of(pruned: Sequence[ImageTokens], counts: list[int], row: int) -> list[ImageTokens]:
     start = sum(counts[:row])
     return pruned[start : start + counts[row]]
+
+
+def record_with_prefill(pipeline: Pipeline, images: Sequence[ImageTokens], counts: list[int], lengths: Sequence[int]) -> None:
+    """``pipeline.record_images`` of every prompt's images, each with its prompt's prefill
+    length (``counts[row]`` images belong to prompt ``row``)."""
+    pipeline.record_images(
+        [
+            dataclasses.replace(image, stats=_with_prefill(image.stats, int(length)))
+            for row, length in enumerate(lengths)
+            for image in _images_of(images, counts, row)
+        ]
+    )
 
 
 def _with_prefill(stats: LlavaImageStats, prefill: int) -> LlavaImageStats:

@@ -52,9 +52,8 @@ from ._generate_inputs import generate_inputs
 from ._llava_family import (
     LlavaFamilyAdapter,
     LlavaImageStats,
-    _images_of,
-    _with_prefill,
     images_and_texts,
+    record_with_prefill,
     wrapped,
 )
 
@@ -397,13 +396,7 @@ class Qwen2_5_VLAdapter(VLMAdapter):
         images = self.prune_images(pipeline, model, inputs["pixel_values"], grid, sizes)
         out = self.place(model, processor, texts, images, **tokenizer_kwargs)
         lengths = out["attention_mask"].sum(dim=1).tolist()
-        pipeline.record_images(
-            [
-                ImageTokens(image.embeddings, image.layout, image.selection, _with_prefill(image.stats, int(lengths[row])), image.geometry)
-                for row in range(len(texts))
-                for image in _images_of(images, counts, row)
-            ]
-        )
+        record_with_prefill(pipeline, images, counts, lengths)
         return out
 
     def place(
